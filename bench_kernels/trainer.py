@@ -1,0 +1,98 @@
+"""Trainer throughput: ``python train.py`` (tiny config, CPU) against a plain Hugging Face ``LlamaForCausalLM`` loop.
+
+    python -m bench_kernels.trainer [--steps 30] [--threads 2] [--precisions fp32 mixed]
+
+Same model shape (the tiny preset, vocabulary 2048), same batches (our BatchLoader on the embedded corpus, seq 128,
+global batch 16 in micro-batches of 8), same optimizer (AdamW lr 3e-3, betas 0.9/0.95, wd 0.1 on matrices, clip 1.0)
+and precision (fp32, or fp32 weights + bf16 autocast for "mixed"). train.py's figure is the median of its logged
+per-step ``tokens_per_s`` after the first 5 steps (it includes its own grad-norm, NaN-guard and logging work);
+the HF loop's is the median step time over the same steps. A benchmark, not a test: figures depend on the machine
+and its load. Target: train.py >= 1.5x the HF loop.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SEQ, MICRO, GLOBAL = 128, 8, 16
+
+
+def ours(precision: str, steps: int, threads: int) -> float:
+    with tempfile.TemporaryDirectory() as d:
+        out = os.path.join(d, "run")
+        cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--out-dir", out, "--precision", precision,
+               "--max-steps", str(steps), "--threads", str(threads), "--no-progress", "--seq-len", str(SEQ),
+               "--micro-batch-size", str(MICRO), "--global-batch-size", str(GLOBAL), "--checkpoint-every", "0"]
+        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        if p.returncode:
+            raise RuntimeError(p.stderr)
+        with open(os.path.join(out, "metrics.jsonl")) as fh:
+            tps = [json.loads(line)["tokens_per_s"] for line in fh]
+    return statistics.median(tps[5:])
+
+
+def hf(precision: str, steps: int, threads: int) -> float:
+    import torch.nn.functional as F
+    from transformers import LlamaConfig as HFConfig
+    from transformers import LlamaForCausalLM
+
+    from llama.data import BatchLoader, PackedDataset, prepare_default_data
+    from training.config import load_config
+    torch.set_num_threads(threads)
+    cfg = load_config("tiny")
+    mc = cfg.model_config()
+    torch.manual_seed(cfg.seed)
+    model = LlamaForCausalLM(HFConfig(**{k: v for k, v in mc.to_hf_dict().items()
+                                         if k not in ("architectures", "torch_dtype", "dtype")}))
+    model.train()
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([dict(params=decay, weight_decay=cfg.weight_decay), dict(params=no_decay, weight_decay=0.0)],
+                            lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=True)
+    data = prepare_default_data(cfg.data_cache)
+    loader = BatchLoader(PackedDataset(data["sources"], SEQ, seed=cfg.seed), MICRO, seed=cfg.seed)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        micro = [loader.next() for _ in range(GLOBAL // MICRO)]
+        n = sum(int((lbl != -100).sum()) for _, lbl in micro)
+        for ids, lbl in micro:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "mixed"):
+                logits = model(input_ids=ids).logits
+            loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), lbl.view(-1), ignore_index=-100,
+                                   reduction="sum") / n
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+    return SEQ * GLOBAL / statistics.median(times[5:])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench_kernels.trainer", description=__doc__.split("\n")[0])
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--precisions", nargs="+", default=["fp32", "mixed"])
+    a = p.parse_args(argv)
+    print(f"tiny Llama, seq {SEQ}, global batch {GLOBAL} (micro {MICRO}), {a.steps} steps (median after 5), "
+          f"{a.threads} threads, torch {torch.__version__}")
+    print(f"{'precision':<10} {'train.py tok/s':>15} {'HF loop tok/s':>15} {'speed-up':>9}")
+    for prec in a.precisions:
+        o = ours(prec, a.steps, a.threads)
+        h = hf(prec, a.steps, a.threads)
+        print(f"{prec:<10} {o:>15,.0f} {h:>15,.0f} {o / h:>8.2f}x", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""NKI data types as numpy dtypes (bf16/fp8 through ml_dtypes) and the cast used on every write.
+
+``tfloat32`` is stored as float32 whose mantissa is rounded (nearest-even) to 10 bits on every write; it is a
+float32 numpy dtype carrying ``metadata={"nki": "tfloat32"}``, so it compares equal to float32 (the two must
+pair in matmul anyway) while :func:`is_tf32` tells them apart.
+"""
+import ml_dtypes
+import numpy as np
+
+float32 = np.dtype(np.float32)
+tfloat32 = np.dtype(np.float32, metadata={"nki": "tfloat32"})
+float16 = np.dtype(np.float16)
+bfloat16 = np.dtype(ml_dtypes.bfloat16)
+float8_e4m3 = np.dtype(ml_dtypes.float8_e4m3)
+float8_e4m3fn = np.dtype(ml_dtypes.float8_e4m3fn)
+float8_e5m2 = np.dtype(ml_dtypes.float8_e5m2)
+int8, int16, int32 = np.dtype(np.int8), np.dtype(np.int16), np.dtype(np.int32)
+uint8, uint16, uint32 = np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.uint32)
+bool_ = np.dtype(np.bool_)
+
+ALL = dict(float32=float32, tfloat32=tfloat32, float16=float16, bfloat16=bfloat16, float8_e4m3=float8_e4m3,
+           float8_e4m3fn=float8_e4m3fn, float8_e5m2=float8_e5m2, int8=int8, int16=int16, int32=int32,
+           uint8=uint8, uint16=uint16, uint32=uint32, bool_=bool_)
+_FLOATS = {float32, float16, bfloat16, float8_e4m3, float8_e4m3fn, float8_e5m2}
+_BY_NAME = {k: v for k, v in ALL.items()}
+_BY_NAME.update(fp32=float32, fp16=float16, bf16=bfloat16, tf32=tfloat32, bool=bool_, float=float32)
+
+
+def is_tf32(dt):
+    return dt.metadata is not None and dt.metadata.get("nki") == "tfloat32"
+
+
+_NAMES = {id(v): k for k, v in ALL.items()}
+
+
+def name(dt):
+    """NKI name of a dtype ("bfloat16", "tfloat32", ...)."""
+    n = _NAMES.get(id(dt))
+    if n is None:
+        n = "tfloat32" if is_tf32(dt) else dt.name
+    return n
+
+
+def is_float(dt):
+    return dt in _FLOATS
+
+
+def is_int(dt):
+    return dt.kind in "iub"
+
+
+def normalize(dt, where="dtype"):
+    """Accept nl dtypes, numpy dtypes/types, names and torch dtypes; refuse what NKI does not have."""
+    if isinstance(dt, np.dtype):
+        out = dt
+    elif isinstance(dt, str):
+        if dt not in _BY_NAME:
+            raise TypeError(f"{where}: unknown NKI dtype {dt!r}")
+        out = _BY_NAME[dt]
+    else:
+        mod = type(dt).__module__
+        if mod.startswith("torch"):
+            out = from_torch(dt)
+        else:
+            try:
+                out = np.dtype(dt)
+            except TypeError:
+                raise TypeError(f"{where}: {dt!r} is not a dtype") from None
+    if out.kind not in "iubf" and out not in _FLOATS:
+        raise TypeError(f"{where}: dtype {out} is not supported by NKI (no float64/int64/complex)")
+    if out.itemsize > 4:
+        raise TypeError(f"{where}: dtype {out} is not supported by NKI (no 64-bit types)")
+    return out
+
+
+def from_torch(tdt):
+    import torch
+    table = {torch.float32: float32, torch.float16: float16, torch.bfloat16: bfloat16, torch.int8: int8,
+             torch.int16: int16, torch.int32: int32, torch.uint8: uint8, torch.bool: bool_}
+    for attr, dt in (("float8_e4m3fn", float8_e4m3fn), ("float8_e5m2", float8_e5m2), ("uint16", uint16),
+                     ("uint32", uint32)):
+        if hasattr(torch, attr):
+            table[getattr(torch, attr)] = dt
+    if tdt not in table:
+        raise TypeError(f"torch dtype {tdt} has no NKI equivalent")
+    return table[tdt]
+
+
+def round_tf32(x):
+    """Round float32 values to a 10-bit mantissa, nearest-even (Inf/NaN kept)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    bits = x.view(np.uint32)
+    finite = np.isfinite(x)
+    rounded = (bits + np.uint32(0xFFF) + ((bits >> np.uint32(13)) & np.uint32(1))) & np.uint32(0xFFFFE000)
+    return np.where(finite, rounded, bits).view(np.float32)
+
+
+def cast(values, dt):
+    """Cast computed values (usually fp32) to storage dtype ``dt`` as the engines do on write:
+    floats round to nearest-even; float->int rounds to nearest-even and saturates (NaN -> 0); same dtype is
+    bit-exact."""
+    v = np.asarray(values)
+    if v.dtype == dt and not is_tf32(dt):
+        return v
+    if is_tf32(dt):
+        return round_tf32(v)
+    if dt.kind in "iu" and v.dtype.kind == "f":
+        info = np.iinfo(dt)
+        v = np.rint(v.astype(np.float64, copy=False))
+        v = np.nan_to_num(v, nan=0.0, posinf=info.max, neginf=info.min)
+        return np.clip(v, info.min, info.max).astype(dt)
+    if dt.kind == "b":
+        return v != 0
+    if v.dtype.kind in "iub" and dt in _FLOATS and dt != float32:
+        v = v.astype(np.float32)
+    return v.astype(dt)

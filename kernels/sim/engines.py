@@ -1,0 +1,149 @@
+"""Shared rule checks and trace emission used by every instruction in ``isa.py``.
+
+Checks are O(1) Python on shapes/strides; messages follow
+``rule <name>: <instruction> operand '<role>' <what> (limit <x>)``.
+"""
+import numpy as np
+
+from . import dtypes as _dt
+from .errors import ConstraintError
+from .tensor import NkiTensor, ONCHIP
+from .trace import Instruction, Operand, _active
+
+PMAX = 128
+HBM = ("hbm", "private_hbm", "shared_hbm")
+
+
+def fail(rule, instr, role, what, limit=None):
+    msg = f"rule {rule}: {instr} operand '{role}' {what}"
+    if limit is not None:
+        msg += f" (limit {limit})"
+    raise ConstraintError(msg)
+
+
+def tensor(t, instr, role):
+    if not isinstance(t, NkiTensor):
+        fail("operand.type", instr, role, f"must be an NKI tensor, got {type(t).__name__}")
+    return t
+
+
+def onchip(t, instr, role, allowed=ONCHIP, align=True):
+    """An SBUF/PSUM operand: buffer allowed, <=128 partitions, no partition striding, partition-start rule.
+    Returns (partition_count, partition_start, free_size)."""
+    if not isinstance(t, NkiTensor):
+        fail("operand.type", instr, role, f"must be an NKI tensor, got {type(t).__name__}")
+    st = t._st
+    if st.buffer not in allowed:
+        fail("buffer", instr, role, f"is in {st.buffer} ({t.name or 'unnamed'} {list(t.shape)}); must be in "
+             f"{' or '.join(allowed)}")
+    shape = t.shape
+    if len(shape) > 5:
+        fail("rank.max", instr, role, f"has {len(shape)} dims {list(shape)}; on-chip access patterns have the "
+             "partition dim plus at most 4 free dims", 5)
+    p = shape[0]
+    if p > PMAX:
+        fail("partition.max", instr, role, f"partition dimension {p} of {list(shape)} exceeds {PMAX}", PMAX)
+    fs = st.free_size * st.flat.itemsize // t._flat.itemsize
+    if p > 1 and t.strides[0] != fs:
+        fail("partition.stride", instr, role, f"strides over partitions by {t.strides[0]} elements; hardware does "
+             f"not allow P dimension striding", fs)
+    for c, s in zip(shape[1:], t.strides[1:]):
+        if c > 65535 or not -32768 <= s <= 32767:
+            fail("access_pattern.range", instr, role, f"free dims {list(shape[1:])} with strides "
+                 f"{list(t.strides[1:])} exceed the hardware access pattern (count uint16, stride int16 elements)")
+    start = t.offset // fs
+    if align:
+        if p > 64:
+            if start != 0:
+                fail("partition.start", instr, role, f"covers {p} partitions starting at {start}; more than 64 "
+                     f"partitions must start at 0", "start 0")
+        elif p > 32:
+            if start not in (0, 64):
+                fail("partition.start", instr, role, f"covers {p} partitions starting at {start}; 33..64 partitions "
+                     f"must start at 0 or 64", "start 0 or 64")
+        elif start & 31:
+            fail("partition.start", instr, role, f"covers {p} partitions starting at {start}; up to 32 partitions "
+                 f"must start at 0, 32, 64 or 96", "start multiple of 32")
+    n = 1
+    for s in shape[1:]:
+        n *= s
+    return p, start, n
+
+
+def no_psum(t, instr, role, engine):
+    if t._st.buffer == "psum":
+        fail("engine.psum", instr, role, f"is in PSUM; the {engine} engine cannot access PSUM")
+
+
+def same_partitions(instr, role_a, pa, role_b, pb):
+    if pa != pb:
+        fail("partition.match", instr, role_b, f"has {pb} partitions but '{role_a}' has {pa}; the instruction "
+             f"needs the same partition count on all operands", pa)
+
+
+def same_free(instr, role_a, na, role_b, nb):
+    if na != nb:
+        fail("free.match", instr, role_b, f"has {nb} elements per partition but '{role_a}' has {na}", na)
+
+
+def scalar_or_column(v, instr, role, p, fp32_tile=True):
+    """tensor_scalar/activation operand: a Python number or a [P,1] tile (fp32). Returns a float32 array
+    broadcastable against a [P, ...] tile, or a Python float."""
+    if isinstance(v, NkiTensor):
+        pv, _, nv = onchip(v, instr, role)
+        if nv != 1:
+            fail("operand.column", instr, role, f"is a tile {list(v.shape)}; must be a [P,1] tile or a scalar", "[P,1]")
+        same_partitions(instr, "data", p, role, pv)
+        if fp32_tile and v.dtype != _dt.float32:
+            fail("operand.dtype", instr, role, f"is {_dt.name(v.dtype)}; [P,1] operands must be float32", "float32")
+        return v.read().reshape(pv, 1)
+    if isinstance(v, (bool, int, float, np.integer, np.floating)):
+        return float(v)
+    fail("operand.type", instr, role, f"must be a Python number or a [P,1] tile, got {type(v).__name__}")
+
+
+def rec(role, t):
+    return Operand(role, t.shape, _dt.name(t.dtype), t._st.buffer, t.nbytes)
+
+
+def emit(engine, op, operands, name=None):
+    """Record an instruction; operands = [(role, tensor), ...]. HBM bytes: reads for non-dst roles, writes for dst."""
+    if not _active:
+        return
+    r = w = 0
+    recs = []
+    for role, t in operands:
+        if t is None:
+            continue
+        recs.append(Operand(role, t.shape, _dt.name(t.dtype), t._st.buffer, t.nbytes))
+        if t._st.buffer in HBM:
+            if role == "dst":
+                w += t.nbytes
+            else:
+                r += t.nbytes
+    ins = Instruction(engine, op, recs, r, w, name)
+    for tr in _active:
+        tr.instructions.append(ins)
+
+
+def as_shape(values, shape):
+    """Reshape computed values to a dst shape (element order row-major over each view)."""
+    if values.shape == shape:
+        return values
+    return values.reshape(shape)
+
+
+def store(dst, values):
+    """Write fp32 (or integer) results into dst with the engine cast; clears PSUM matmul flags."""
+    dst.np[...] = _dt.cast(as_shape(values, dst.shape), dst.dtype)
+    if dst._st.mm_written is not None:
+        mm_flags(dst)[...] = False
+
+
+def mm_flags(t):
+    """Per-element 'written by matmul' flags of a PSUM view (same shape as the view)."""
+    f = t._st.mm_written
+    ratio = t._flat.itemsize
+    return np.ndarray(t.shape, np.bool_, buffer=f, offset=t.offset * ratio // 4,
+                      strides=tuple(s * ratio // 4 for s in t.strides)) if ratio == 4 else \
+        np.zeros(t.shape, bool)

@@ -1,0 +1,400 @@
+"""NkiTensor: storage plus a strided view (new NKI API semantics).
+
+Element ``(i0, i1, ...)`` of a view lives at ``offset + sum(strides[k] * i_k)`` elements into its storage.
+SBUF/PSUM storages are laid out as ``[partitions, free]`` (partition stride = free size of the storage); dim 0 of
+an on-chip view is the partition dim. Views share storage: writes through one are seen through all.
+
+Indexing (``t[...]``) follows NKI's rank rules: on-chip views stay >= 2-D (an integer on the partition dim keeps
+it with size 1; an integer on a free dim drops it unless fewer than 2 dims would remain, then the last indexed
+free dim is kept with size 1); HBM views drop integer-indexed dims like numpy. Slices must lie inside the dim
+(no silent clamping), negative steps are refused.
+"""
+import sys
+
+import numpy as np
+
+from . import dtypes as _dt
+from . import memory
+from .errors import ConstraintError
+
+ONCHIP = ("sbuf", "psum")
+HBM_BUFFERS = ("hbm", "private_hbm", "shared_hbm")
+_SIM_DIR = __file__.rsplit("/", 1)[0]
+
+
+class DynSlice:
+    """``nl.ds(start, size)``: the slice ``start:start+size``."""
+    __slots__ = ("start", "size", "step")
+
+    def __init__(self, start, size, step=1):
+        self.start, self.size, self.step = int(start), int(size), int(step)
+
+    def as_slice(self):
+        return slice(self.start, self.start + self.size * self.step, self.step)
+
+
+class Storage:
+    """Backing memory of tensors: a flat numpy array plus placement facts."""
+    __slots__ = ("flat", "buffer", "name", "free_size", "mm_written", "__weakref__")
+
+    def __init__(self, flat, buffer, name, free_size):
+        self.flat = flat
+        self.buffer = buffer
+        self.name = name
+        self.free_size = free_size        # elements per partition (on-chip), total size (HBM)
+        self.mm_written = None            # PSUM: per-element "last written by a matmul" flags
+
+
+def _caller_location():
+    f = sys._getframe(2)
+    while f is not None and f.f_code.co_filename.startswith(_SIM_DIR):
+        f = f.f_back
+    return f"{f.f_code.co_filename}:{f.f_lineno}" if f is not None else "?"
+
+
+def _prod(shape):
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def allocate(shape, dtype, buffer, name="", fill=None):
+    """New tensor. ``fill=None`` fills like the official simulator's uninitialised memory: NaN for floats, 4 for ints."""
+    dtype = _dt.normalize(dtype)
+    shape = tuple(int(s) for s in shape)
+    if any(s <= 0 for s in shape) or not shape:
+        raise ValueError(f"allocation {name or ''}: shape {shape} must be non-empty with positive sizes")
+    buffer = _buffer_name(buffer)
+    if buffer in ONCHIP and len(shape) < 2:
+        raise ConstraintError(f"rule rank.onchip: ndarray operand '{name or 'tile'}' {buffer} tensor shape {shape} "
+                              f"must be at least 2-D (partition dim + free dims; use (P, 1)) (limit 2 dims)")
+    if buffer in ONCHIP and shape[0] > 128:
+        raise ConstraintError(f"rule partition.max: ndarray operand '{name or 'tile'}' partition dimension "
+                              f"{shape[0]} of {shape} exceeds 128 (limit 128)")
+    n = _prod(shape)
+    sdt = np.dtype(np.float32) if _dt.is_tf32(dtype) else dtype
+    if fill is None:
+        fill = np.nan if dtype.kind == "f" or _dt.is_float(dtype) else 4
+    flat = np.full(n, fill, dtype=sdt) if fill != 0 else np.zeros(n, dtype=sdt)
+    free = n // shape[0] if buffer in ONCHIP else n
+    st = Storage(flat, buffer, name, free)
+    if buffer in ONCHIP:
+        memory.track(st, buffer, free * dtype.itemsize, name, shape, _dt.name(dtype), _caller_location())
+        if buffer == "psum":
+            st.mm_written = np.zeros(n, dtype=bool)
+    strides = _contiguous_strides(shape)
+    return NkiTensor(st, flat, shape, strides, 0, dtype)
+
+
+def _contiguous_strides(shape):
+    strides = [1] * len(shape)
+    for i in range(len(shape) - 2, -1, -1):
+        strides[i] = strides[i + 1] * shape[i + 1]
+    return tuple(strides)
+
+
+def _buffer_name(buffer):
+    if buffer is None:
+        return "sbuf"
+    b = getattr(buffer, "value", buffer)
+    b = str(b)
+    if b not in ONCHIP + HBM_BUFFERS:
+        raise ValueError(f"unknown buffer {buffer!r}; expected one of {ONCHIP + HBM_BUFFERS}")
+    return b
+
+
+def from_numpy(arr, buffer="hbm", name=""):
+    """Wrap a numpy array (shares memory when it is contiguous and of an NKI dtype)."""
+    arr = np.asarray(arr)
+    dtype = _dt.normalize(arr.dtype, where=f"kernel argument {name}")
+    flat = np.ascontiguousarray(arr).reshape(-1)
+    st = Storage(flat, buffer, name, flat.size)
+    return NkiTensor(st, flat, tuple(arr.shape), _contiguous_strides(arr.shape), 0, dtype)
+
+
+class NkiTensor:
+    """A view of a storage: ``shape``, ``strides`` and ``offset`` in elements, ``dtype``, ``buffer``, ``name``."""
+    __slots__ = ("_st", "_flat", "shape", "strides", "offset", "dtype", "_np")
+
+    def __init__(self, st, flat, shape, strides, offset, dtype):
+        self._st = st
+        self._flat = flat          # flat array of the storage's bytes seen as this view's dtype
+        self.shape = shape
+        self.strides = strides
+        self.offset = offset
+        self.dtype = dtype
+        self._np = None
+
+    # ---- basic facts -------------------------------------------------------------------------------------------
+    @property
+    def buffer(self):
+        return self._st.buffer
+
+    @property
+    def name(self):
+        return self._st.name
+
+    @property
+    def ndim(self):
+        return len(self.shape)
+
+    @property
+    def size(self):
+        return _prod(self.shape)
+
+    @property
+    def itemsize(self):
+        return self.dtype.itemsize
+
+    @property
+    def nbytes(self):
+        return _prod(self.shape) * self.dtype.itemsize
+
+    @property
+    def onchip(self):
+        return self._st.buffer in ONCHIP
+
+    def free_size(self):
+        """Elements per partition of this view (product of the free dims)."""
+        return _prod(self.shape[1:])
+
+    def partition_start(self):
+        """First partition of an on-chip view."""
+        st = self._st
+        fs = st.free_size * st.flat.itemsize // self._flat.itemsize
+        return self.offset // fs if st.buffer in ONCHIP else 0
+
+    def __repr__(self):
+        return (f"NkiTensor(name={self.name!r}, shape={self.shape}, dtype={_dt.name(self.dtype)}, "
+                f"buffer={self.buffer}, offset={self.offset}, strides={self.strides})")
+
+    def __len__(self):
+        return self.shape[0]
+
+    # ---- numpy access ------------------------------------------------------------------------------------------
+    @property
+    def np(self):
+        """Writable numpy view of the elements (storage dtype; tfloat32 is float32)."""
+        a = self._np
+        if a is None:
+            isz = self._flat.itemsize
+            a = np.ndarray(self.shape, self._flat.dtype, buffer=self._flat, offset=self.offset * isz,
+                           strides=tuple(s * isz for s in self.strides))
+            self._np = a
+        return a
+
+    def read(self):
+        """Values as float32 (a copy only when a cast is needed)."""
+        a = self.np
+        if a.dtype != np.float32:
+            return a.astype(np.float32)
+        return a
+
+    def write(self, values):
+        """Store values with the engines' cast (RNE, int saturation) into this view."""
+        self.np[...] = _dt.cast(values, self.dtype)
+
+    def numpy(self):
+        """A copy of the elements as a numpy array of the tensor's dtype."""
+        return np.array(self.np)
+
+    # ---- views -------------------------------------------------------------------------------------------------
+    def _view(self, shape, strides, offset, dtype=None, flat=None):
+        return NkiTensor(self._st, self._flat if flat is None else flat, tuple(shape), tuple(strides), offset,
+                         self.dtype if dtype is None else dtype)
+
+    def __getitem__(self, key):
+        if not isinstance(key, tuple):
+            key = (key,)
+        # expand Ellipsis
+        n_ell = sum(1 for k in key if k is Ellipsis)
+        if n_ell > 1:
+            raise IndexError("an index can only have a single ellipsis ('...')")
+        if n_ell:
+            i = next(j for j, k in enumerate(key) if k is Ellipsis)
+            fill = len(self.shape) - (len(key) - 1)
+            key = key[:i] + (slice(None),) * fill + key[i + 1:]
+        if len(key) > len(self.shape):
+            raise IndexError(f"too many indices ({len(key)}) for tensor {self.name!r} of shape {self.shape}")
+        key = key + (slice(None),) * (len(self.shape) - len(key))
+        onchip = self._st.buffer in ONCHIP
+        offset = self.offset
+        shape, strides = [], []
+        last_int_dim = None
+        for d, (k, n, s) in enumerate(zip(key, self.shape, self.strides)):
+            if isinstance(k, DynSlice):
+                k = k.as_slice()
+            if isinstance(k, slice):
+                start, stop, step = k.start, k.stop, k.step
+                step = 1 if step is None else int(step)
+                if step <= 0:
+                    raise IndexError(f"slice step must be positive (dim {d} of {self.name!r} {self.shape})")
+                start = 0 if start is None else int(start)
+                stop = n if stop is None else int(stop)
+                if start < 0:
+                    start += n
+                if stop < 0:
+                    stop += n
+                if not (0 <= start < n) or not (start < stop <= n):
+                    raise IndexError(f"slice {start}:{stop} out of bounds for dim {d} (size {n}) of tensor "
+                                     f"{self.name!r} {self.shape}")
+                cnt = (stop - start + step - 1) // step
+                offset += start * s
+                shape.append(cnt)
+                strides.append(s * step)
+            else:
+                try:
+                    i = int(k)
+                except TypeError:
+                    raise IndexError(f"unsupported index {k!r} on tensor {self.name!r} (integers, slices, ..., "
+                                     f"nl.ds only)") from None
+                if i < 0:
+                    i += n
+                if not 0 <= i < n:
+                    raise IndexError(f"index {k} out of bounds for dim {d} (size {n}) of tensor {self.name!r} "
+                                     f"{self.shape}")
+                offset += i * s
+                if onchip and d == 0:
+                    shape.append(1)
+                    strides.append(s)
+                else:
+                    last_int_dim = (len(shape), s)
+        if onchip and len(shape) < 2 and last_int_dim is not None:
+            shape.append(1)
+            strides.append(last_int_dim[1])
+        if not shape:
+            shape, strides = [1], [1]
+        return self._view(shape, strides, offset)
+
+    def __setitem__(self, key, value):
+        raise TypeError("NKI tensors are written by instructions (nisa.* dst=, nl.store, nisa.dma_copy), "
+                        "not by item assignment")
+
+    def reshape(self, shape):
+        if isinstance(shape, int):
+            shape = (shape,)
+        shape = tuple(int(s) for s in shape)
+        v = self.np.view()
+        try:
+            v.shape = shape
+        except (AttributeError, ValueError):
+            if _prod(shape) != self.size and -1 not in shape:
+                why = f"element counts differ ({self.size} vs {_prod(shape)})"
+            else:
+                why = "reshape needs a view whose reshaped dims are contiguous (NKI reshape never copies)"
+            raise ValueError(f"cannot reshape tensor {self.name!r} {self.shape} (strides {self.strides}) to "
+                             f"{shape}: {why}") from None
+        if self.onchip and (len(v.shape) < 2 or v.shape[0] != self.shape[0]):
+            raise ValueError(f"reshape of on-chip tensor {self.name!r} {self.shape} to {tuple(v.shape)} must keep "
+                             f"the partition dim {self.shape[0]} and stay >= 2-D")
+        isz = self._flat.itemsize
+        return self._view(v.shape, [s // isz for s in v.strides], self.offset)
+
+    def view(self, dtype):
+        """Bit reinterpretation; the last dim is rescaled by the itemsize ratio."""
+        dtype = _dt.normalize(dtype)
+        old, new = self.dtype.itemsize, dtype.itemsize
+        if old == new:
+            sdt = np.dtype(np.float32) if _dt.is_tf32(dtype) else dtype
+            return self._view(self.shape, self.strides, self.offset, dtype, self._flat.view(sdt))
+        if self.strides[-1] != 1:
+            raise ValueError(f"view({_dt.name(dtype)}) needs a unit-stride last dim (tensor {self.name!r})")
+        if (self.shape[-1] * old) % new or any((s * old) % new for s in self.strides[:-1]) or \
+                (self.offset * old) % new:
+            raise ValueError(f"view({_dt.name(dtype)}) of {self.name!r} {self.shape}: sizes/offset not divisible")
+        sdt = np.dtype(np.float32) if _dt.is_tf32(dtype) else dtype
+        flat = self._st.flat.view(np.uint8).view(sdt)
+        shape = self.shape[:-1] + (self.shape[-1] * old // new,)
+        strides = tuple(s * old // new for s in self.strides[:-1]) + (1,)
+        return self._view(shape, strides, self.offset * old // new, dtype, flat)
+
+    def slice(self, dim, start, end, step=1):
+        key = [slice(None)] * self.ndim
+        key[dim] = slice(start, end, step)
+        return self[tuple(key)]
+
+    def select(self, dim, index):
+        if self.onchip and dim == 0:
+            raise ValueError("select on the partition dim of an on-chip tensor; use slice(0, i, i+1)")
+        d = dim % self.ndim
+        shape = self.shape[:d] + self.shape[d + 1:]
+        strides = self.strides[:d] + self.strides[d + 1:]
+        if not 0 <= index < self.shape[d]:
+            raise IndexError(f"select index {index} out of bounds for dim {d} of {self.shape}")
+        return self._view(shape or (1,), strides or (1,), self.offset + index * self.strides[d])
+
+    def permute(self, dims):
+        dims = [d % self.ndim for d in dims]
+        if sorted(dims) != list(range(self.ndim)):
+            raise ValueError(f"permute dims {dims} is not a permutation of {self.ndim} dims")
+        return self._view([self.shape[d] for d in dims], [self.strides[d] for d in dims], self.offset)
+
+    def broadcast(self, dim, size):
+        d = dim % self.ndim
+        if self.shape[d] != 1:
+            raise ValueError(f"broadcast of dim {d} needs size 1, got {self.shape[d]}")
+        shape = list(self.shape)
+        strides = list(self.strides)
+        shape[d], strides[d] = int(size), 0
+        return self._view(shape, strides, self.offset)
+
+    def broadcast_to(self, shape):
+        t = self
+        for d, (a, b) in enumerate(zip(self.shape, shape)):
+            if a != b:
+                t = t.broadcast(d, b)
+        return t
+
+    def expand_dim(self, dim):
+        d = dim % (self.ndim + 1)
+        return self._view(self.shape[:d] + (1,) + self.shape[d:], self.strides[:d] + (1,) + self.strides[d:],
+                          self.offset)
+
+    def squeeze_dim(self, dim):
+        d = dim % self.ndim
+        if self.shape[d] != 1:
+            raise ValueError(f"squeeze_dim({dim}) of {self.shape}: dim is not 1")
+        return self._view(self.shape[:d] + self.shape[d + 1:], self.strides[:d] + self.strides[d + 1:], self.offset)
+
+    def reshape_dim(self, dim, shape):
+        d = dim % self.ndim
+        shape = tuple(shape)
+        if _prod(shape) != self.shape[d]:
+            raise ValueError(f"reshape_dim({dim}, {shape}) of {self.shape}: sizes differ")
+        inner = _contiguous_strides(shape)
+        strides = tuple(x * self.strides[d] for x in inner)
+        return self._view(self.shape[:d] + shape + self.shape[d + 1:], self.strides[:d] + strides +
+                          self.strides[d + 1:], self.offset)
+
+    def flatten_dims(self, start_dim, end_dim):
+        s, e = start_dim % self.ndim, end_dim % self.ndim
+        new = self.shape[:s] + (_prod(self.shape[s:e + 1]),) + self.shape[e + 1:]
+        return self.reshape(new)
+
+    def is_contiguous(self):
+        return self.strides == _contiguous_strides(self.shape)
+
+    def get_pattern(self):
+        """Access pattern ``[[stride, count], ...]`` and offset over the storage."""
+        return [[s, n] for s, n in zip(self.strides, self.shape)], self.offset
+
+    def ap(self, pattern, offset=0, scalar_offset=None, vector_offset=None, indirect_dim=0, dtype=None):
+        """Raw access pattern over the underlying storage: ``pattern = [[stride, count], ...]`` in elements,
+        ``offset`` in elements from the storage start. For SBUF/PSUM the first pair is the partition dim and its
+        stride must equal the storage's free size."""
+        if scalar_offset is not None or vector_offset is not None:
+            raise NotImplementedError("ap(scalar_offset=/vector_offset=) (indirect DMA) is not simulated")
+        pattern = [(int(s), int(n)) for s, n in pattern]
+        t = self if dtype is None else self.view(dtype)
+        st = self._st
+        if st.buffer in ONCHIP and pattern[0][1] > 1 and pattern[0][0] != st.free_size:
+            raise ConstraintError(f"rule ap.partition_stride: ap operand '{self.name}' partition stride "
+                                  f"{pattern[0][0]} must equal the storage free size (limit {st.free_size})")
+        off = int(offset or 0)
+        lo = off + sum(s * (n - 1) for s, n in pattern if s < 0)
+        hi = off + sum(s * (n - 1) for s, n in pattern if s > 0)
+        if lo < 0 or hi >= t._flat.size:
+            raise IndexError(f"ap pattern {pattern} offset {off} reaches elements {lo}..{hi} outside tensor "
+                             f"{self.name!r} storage of {t._flat.size} elements")
+        return NkiTensor(st, t._flat, tuple(n for _, n in pattern), tuple(s for s, _ in pattern), off, t.dtype)

@@ -1,0 +1,84 @@
+"""The training loss of an unsharded model: LM head projection fused with token cross-entropy.
+
+``LinearCrossEntropy(hidden [B,S,H], weight [V,H], labels [B,S])`` equals
+``F.cross_entropy(F.linear(hidden, weight).float().view(-1, V), labels.view(-1), ignore_index=-100)`` but
+never holds the full [B*S, V] logits: rows are processed in chunks of about ``chunk_elems`` logits, and
+each chunk's gradient (softmax - onehot) is turned into dHidden and dWeight right away in the forward
+(the idea of Liger-Kernel's fused linear cross-entropy; written here for plain PyTorch on CPU / XLA).
+The backward only scales the stored gradients by the incoming scalar. With a vocabulary of 32000 this
+removes three [B*S, V] fp32 buffers (logits, log-softmax, its gradient) and the log-softmax backward pass.
+
+Numerics: logits computed in the weight's dtype and upcast to fp32 (as F.linear then .float(); fp64 stays
+fp64); max, exp, sum and log in fp32; dWeight accumulated over chunks in fp32 and cast once to the weight's dtype;
+dHidden per chunk from the fp32 softmax gradient cast to the weight's dtype for the matmul.
+Ignored tokens (label == -100) contribute 0 to the loss and 0 to every gradient.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+IGNORE_INDEX = -100
+
+
+class _LinearCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, ignore_index, chunk_elems):
+        h2 = hidden.reshape(-1, hidden.shape[-1])
+        flat = labels.reshape(-1)
+        n, v = h2.shape[0], weight.shape[0]
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dh = torch.empty_like(h2) if need_h else None
+        acc = torch.promote_types(weight.dtype, torch.float32)     # fp32 (fp64 for fp64 weights)
+        dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        total = torch.zeros((), dtype=acc, device=hidden.device)
+        rows = max(1, chunk_elems // v)
+        for r0 in range(0, n, rows):
+            r1 = min(n, r0 + rows)
+            x = h2[r0:r1]
+            z = (x @ weight.t()).to(acc)
+            lbl = flat[r0:r1]
+            valid = lbl != ignore_index
+            idx = lbl.masked_fill(~valid, 0).unsqueeze(1)
+            z.sub_(z.amax(dim=-1, keepdim=True))
+            target = z.gather(1, idx).squeeze(1)
+            z.exp_()
+            sumexp = z.sum(dim=-1)
+            total += ((torch.log(sumexp) - target) * valid).sum()
+            if need_h or need_w:
+                z.div_(sumexp.unsqueeze(1))                               # softmax
+                z.scatter_add_(1, idx, -valid.to(z.dtype).unsqueeze(1))   # - onehot(target)
+                z.mul_(valid.unsqueeze(1))
+                g = z.to(weight.dtype)
+                if need_h:
+                    dh[r0:r1] = g @ weight
+                if need_w:
+                    dw.addmm_(z.t(), x.to(acc))
+        ctx.save_for_backward(dh if need_h else None, dw if need_w else None)
+        ctx.shape, ctx.wdtype = hidden.shape, weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, g):
+        dh, dw = ctx.saved_tensors
+        gh = None if dh is None else (dh * g.to(dh.dtype)).view(ctx.shape)
+        gw = None if dw is None else (dw * g).to(ctx.wdtype)
+        return gh, gw, None, None, None
+
+
+class LinearCrossEntropy(nn.Module):
+    """loss_fn(hidden, weight, labels, reduction): LM head + cross-entropy ("mean" over valid tokens, or "sum")."""
+
+    ignore_index = IGNORE_INDEX
+
+    def __init__(self, chunk_elems: int = 1 << 23):
+        super().__init__()
+        self.chunk_elems = chunk_elems
+
+    def forward(self, hidden, weight, labels, reduction="mean"):
+        total = _LinearCE.apply(hidden, weight, labels, self.ignore_index, self.chunk_elems)
+        if reduction == "sum":
+            return total
+        if reduction == "mean":
+            return total / (labels != self.ignore_index).sum()
+        raise ValueError(f"LinearCrossEntropy: reduction must be 'mean' or 'sum', got {reduction!r}")
