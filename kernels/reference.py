@@ -1,4 +1,5 @@
-"""Pure-PyTorch references of the fused kernels; they are also the ``reference`` backend of ``kernels.ops``.
+"""Pure-PyTorch references of the fused kernels; also the ``reference`` backend of ``kernels.ops`` (run under
+plain autograd there, except attention, which that backend runs with torch's fused SDPA).
 
 Every function here is dtype-preserving and states its numerics. "Compute dtype" below means
 ``promote(input dtype, float32)``: float32 for bf16/fp16/fp32 inputs and float64 for float64 inputs (so the
@@ -12,6 +13,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -139,10 +141,13 @@ def rope_cos_sin_grad_ref(dq_rot, dk_rot, q, k, cos, sin):
 # --------------------------------------------------------------------------- SwiGLU
 
 def swiglu_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up = gate * sigmoid(gate) * up, in the compute dtype, rounded once to gate.dtype."""
+    """silu(gate) * up = gate * sigmoid(gate) * up, in the compute dtype, rounded once to gate.dtype.
+
+    ``F.silu`` is one fused pass (and one fused backward when this runs under autograd, as on the reference
+    backend) instead of two products and a sigmoid.
+    """
     acc = _acc(gate.dtype)
-    g = gate.to(acc)
-    return (g * torch.sigmoid(g) * up.to(acc)).to(gate.dtype)
+    return (F.silu(gate.to(acc)) * up.to(acc)).to(gate.dtype)
 
 
 def swiglu_bwd_ref(dout: torch.Tensor, gate: torch.Tensor,

@@ -30,30 +30,35 @@ class _LinearCE(torch.autograd.Function):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dh = torch.empty_like(h2) if need_h else None
         acc = torch.promote_types(weight.dtype, torch.float32)     # fp32 (fp64 for fp64 weights)
-        dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        dw = None              # created by the first chunk's matmul (no zero fill of a [V, H] buffer)
         total = torch.zeros((), dtype=acc, device=hidden.device)
         rows = max(1, chunk_elems // v)
         for r0 in range(0, n, rows):
             r1 = min(n, r0 + rows)
             x = h2[r0:r1]
-            z = (x @ weight.t()).to(acc)
             lbl = flat[r0:r1]
             valid = lbl != ignore_index
             idx = lbl.masked_fill(~valid, 0).unsqueeze(1)
-            z.sub_(z.amax(dim=-1, keepdim=True))
-            target = z.gather(1, idx).squeeze(1)
-            z.exp_()
-            sumexp = z.sum(dim=-1)
-            total += ((torch.log(sumexp) - target) * valid).sum()
+            # one fused log-softmax pass (max, exp, sum, log in fp32) instead of separate amax/sub/exp/sum
+            z = torch.log_softmax((x @ weight.t()).to(acc), dim=-1)
+            total -= (z.gather(1, idx).squeeze(1) * valid).sum()
             if need_h or need_w:
-                z.div_(sumexp.unsqueeze(1))                               # softmax
+                z.exp_()                                                  # softmax
                 z.scatter_add_(1, idx, -valid.to(z.dtype).unsqueeze(1))   # - onehot(target)
-                z.mul_(valid.unsqueeze(1))
+                # Ignored rows are zeroed on the [rows, H] side (x for dWeight, dHidden after the matmul), not
+                # on the [rows, V] gradient: a pass over H-wide rows instead of V-wide ones.
+                keep = valid.unsqueeze(1)
                 g = z.to(weight.dtype)
                 if need_h:
-                    dh[r0:r1] = g @ weight
+                    dh[r0:r1] = (g @ weight) * keep
                 if need_w:
-                    dw.addmm_(z.t(), x.to(acc))
+                    xk = x.to(acc) * keep
+                    if dw is None:
+                        dw = z.t() @ xk
+                    else:
+                        dw.addmm_(z.t(), xk)
+        if need_w and dw is None:                                   # no rows at all
+            dw = torch.zeros(weight.shape, dtype=acc, device=weight.device)
         ctx.save_for_backward(dh if need_h else None, dw if need_w else None)
         ctx.shape, ctx.wdtype = hidden.shape, weight.dtype
         return total
