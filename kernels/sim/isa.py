@@ -342,16 +342,6 @@ def activation_reduce(dst, op, data, reduce_op, reduce_res, bias=None, scale=1.0
                        reduce_cmd.reset_reduce, name)
 
 
-def activate2(*args, **kwargs):
-    target.require(4, "activate2")
-    raise NotImplementedError("activate2 is not simulated (NeuronCore-v4 only)")
-
-
-def exponential(*args, **kwargs):
-    target.require(4, "exponential")
-    raise NotImplementedError("exponential is not simulated (NeuronCore-v4 only)")
-
-
 # ---------------------------------------------------------------------------------------------- Vector engine
 def _int_values(t):
     return t.np.astype(np.int64)
@@ -811,11 +801,6 @@ def nc_match_replace8(*args, **kwargs):
     raise NotImplementedError("nisa.nc_match_replace8 is not simulated by kernels.sim")
 
 
-def range_select(*args, **kwargs):
-    target.require(3, "range_select")
-    raise NotImplementedError("range_select is not simulated (NeuronCore-v3+ only)")
-
-
 def nc_stream_shuffle(dst, src, shuffle_mask, name=None):
     """Within each 32-partition quadrant, dst partition i takes src partition shuffle_mask[i] (255 keeps dst)."""
     I = "nc_stream_shuffle"
@@ -955,26 +940,20 @@ def dropout(dst, data, prob, name=None):
     emit("vector", I, (("dst", dst), ("data", data)), name)
 
 
-def nc_matmul_mx(*args, **kwargs):
-    target.require(4, "nc_matmul_mx")
-    raise NotImplementedError("nc_matmul_mx is not simulated (NeuronCore-v4 only)")
+def _newer_core_only(name, generation):
+    """An instruction of NeuronCore-v{generation}+: refused on older targets, not simulated on newer ones."""
+    def instruction(*args, **kwargs):
+        target.require(generation, name)
+        raise NotImplementedError(f"{name} is not simulated (NeuronCore-v{generation}+ only)")
+    instruction.__name__ = instruction.__qualname__ = name
+    return instruction
 
 
-def quantize_mx(*args, **kwargs):
-    target.require(4, "quantize_mx")
-    raise NotImplementedError("quantize_mx is not simulated (NeuronCore-v4 only)")
-
-
-def rand2(*args, **kwargs):
-    target.require(4, "rand2")
-    raise NotImplementedError("rand2 is not simulated (NeuronCore-v4 only)")
-
-
-def rand_set_state(*args, **kwargs):
-    target.require(3, "rand_set_state")
-    raise NotImplementedError("rand_set_state is not simulated (NeuronCore-v3+ only)")
-
-
-def rand_get_state(*args, **kwargs):
-    target.require(3, "rand_get_state")
-    raise NotImplementedError("rand_get_state is not simulated (NeuronCore-v3+ only)")
+activate2 = _newer_core_only("activate2", 4)
+exponential = _newer_core_only("exponential", 4)
+nc_matmul_mx = _newer_core_only("nc_matmul_mx", 4)
+quantize_mx = _newer_core_only("quantize_mx", 4)
+rand2 = _newer_core_only("rand2", 4)
+range_select = _newer_core_only("range_select", 3)
+rand_get_state = _newer_core_only("rand_get_state", 3)
+rand_set_state = _newer_core_only("rand_set_state", 3)
