@@ -304,6 +304,8 @@ def main(argv=None):
         steady = step_times[len(step_times) // 10 + 1:] or step_times
         mean_tps = tokens_per_step / (sum(steady) / len(steady)) if steady else float("nan")
         mfu = flops_per_token * mean_tps / (peak * 1e12 * world)
+        # A resume that finds the run already complete trains no step: there is no loss to report.
+        final_loss = f"{last_loss:.4f}" if last_loss is not None else "n/a (no step run by this invocation)"
         logger.close()
         try:
             from training.plot import plot_runs
@@ -315,7 +317,7 @@ def main(argv=None):
               f"  tokens          {tokens_seen:,}\n  wall time       {wall:.1f} s\n"
               f"  tokens/s        {mean_tps:,.0f} (mean after the first {len(step_times) - len(steady)} logged "
               f"steps)\n  MFU             {100 * mfu:.2f}% ({flops_per_token / 1e6:.2f} MFLOP/token; peak "
-              f"{peak:.3g} TFLOPS/device x {world}: {peak_src})\n  final loss      {last_loss:.4f}\n"
+              f"{peak:.3g} TFLOPS/device x {world}: {peak_src})\n  final loss      {final_loss}\n"
               f"  last checkpoint step {saved_at}\n  output          {out_dir}", flush=True)
     if dist.is_initialized():
         dist.destroy_process_group()
