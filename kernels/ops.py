@@ -129,7 +129,7 @@ def _active(op, tensors):
         if bad:
             raise ValueError(f"kernels.ops.{op}: backend 'nki' needs XLA (Neuron) tensors, got a tensor on "
                              f"{bad[0].device}; use backend 'reference' or 'sim' for CPU tensors")
-    if name not in _logged:
+    if name not in _logged and not torch.compiler.is_compiling():     # a log call would break a compiled graph
         _logged.add(name)
         log.info("kernels.ops: backend %r active (first op: %s)", name, op)
     return name
@@ -146,7 +146,7 @@ def _kernel_module(name):
 
 def _log_attention_fallback(backend):
     key = ("attention-fallback", backend)
-    if key not in _logged:
+    if key not in _logged and not torch.compiler.is_compiling():
         _logged.add(key)
         log.info("kernels.ops: no NKI attention kernel exists yet; flash_attention runs the PyTorch reference "
                  "on backend %r", backend)

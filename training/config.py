@@ -59,6 +59,9 @@ class TrainConfig:
     sequence_parallel: bool = False
     activation_checkpointing: str = "none"
     zero1: bool = False
+    # torch.compile the model (CPU / CUDA; XLA graphs are compiled by neuronx-cc anyway). Off by default, as in
+    # torchtitan: the first step pays the compile (~25 s cold, ~7 s from the inductor cache on 2 CPU cores).
+    compile: bool = False
     # bookkeeping
     seed: int = 1234
     out_dir: str | None = None                 # None: runs/<model>-<timestamp>
