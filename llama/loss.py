@@ -32,7 +32,13 @@ class _LinearCE(torch.autograd.Function):
         acc = torch.promote_types(weight.dtype, torch.float32)     # fp32 (fp64 for fp64 weights)
         dw = None              # created by the first chunk's matmul (no zero fill of a [V, H] buffer)
         total = torch.zeros((), dtype=acc, device=hidden.device)
-        rows = max(1, chunk_elems // v)
+        rows = max(1, min(n, chunk_elems // v))
+        # The logits matmul reads the weight as a contiguous [H, V] copy: with V in the thousands, MKL's sgemm on
+        # x @ W.t() (transposed B) ran 1.4x slower than on x @ W_T on this CPU (bench_kernels/model.py), and the
+        # copy costs one pass over the weight per step. One fp32 [rows, V] buffer, reused by every chunk, holds
+        # the log-softmax and then, in place, the softmax gradient.
+        w_t = weight.t().contiguous()
+        buf = torch.empty((rows, v), dtype=acc, device=hidden.device)
         for r0 in range(0, n, rows):
             r1 = min(n, r0 + rows)
             x = h2[r0:r1]
@@ -40,7 +46,7 @@ class _LinearCE(torch.autograd.Function):
             valid = lbl != ignore_index
             idx = lbl.masked_fill(~valid, 0).unsqueeze(1)
             # one fused log-softmax pass (max, exp, sum, log in fp32) instead of separate amax/sub/exp/sum
-            z = torch.log_softmax((x @ weight.t()).to(acc), dim=-1)
+            z = torch.log_softmax((x @ w_t).to(acc), dim=-1, out=buf[:r1 - r0])
             total -= (z.gather(1, idx).squeeze(1) * valid).sum()
             if need_h or need_w:
                 z.exp_()                                                  # softmax
