@@ -1,6 +1,6 @@
 """Cost report of the NKI kernels on the interpreter (instructions per engine, HBM bytes vs minimum).
 
-    python -m bench_kernels [--kernel rmsnorm|rope|swiglu|all] [--shape 7b|13b|70b] [--csv FILE] [--trace]
+    python -m bench_kernels [--kernel rmsnorm|rope|swiglu|attention|all] [--shape 7b|13b|70b] [--csv FILE] [--trace]
 
 Shapes are Llama 2's per-rank shapes at TP=8, sequence 4096, micro-batch 1, bf16 (see
 bench_kernels/kernel_report.py). Figures come from kernels.sim's trace, not from hardware: instruction

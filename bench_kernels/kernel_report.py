@@ -9,8 +9,11 @@ Target: ratio <= 1.1 for every kernel and direction.
 
 RMSNorm is reported at the non-sequence-parallel shape, rows = seq = 4096 (with sequence parallelism each
 rank normalises 4096/8 = 512 rows of the same width; bytes scale with the rows, so the ratio barely moves).
+Attention (kernels/attention.py) is causal with the default scale; its backward takes o and lse from the
+float32 PyTorch reference (kernels.reference.flash_attention_ref), so that only the kernel under test runs
+on the interpreter. Its minimum counts lse (fp32) as an output of the forward and an input of the backward.
 
-To add a kernel (attention, later): add one ``KernelSpec`` to ``KERNELS``.
+To add a kernel: add one ``KernelSpec`` to ``KERNELS``.
 """
 from __future__ import annotations
 
@@ -100,6 +103,20 @@ def _swiglu_bwd(s, dt):
     return (_randn(s["rows"], s["ffn"], dtype=dt, seed=8), *_swiglu_fwd(s, dt))
 
 
+def _attn_fwd(s, dt):
+    q = _randn(MICRO_BATCH, s["q_heads"], SEQ, HEAD_DIM, dtype=dt, seed=10)
+    k = _randn(MICRO_BATCH, s["kv_heads"], SEQ, HEAD_DIM, dtype=dt, seed=11)
+    v = _randn(MICRO_BATCH, s["kv_heads"], SEQ, HEAD_DIM, dtype=dt, seed=12)
+    return (q, k, v)
+
+
+def _attn_bwd(s, dt):
+    from kernels.reference import flash_attention_ref
+    q, k, v = _attn_fwd(s, dt)
+    o, lse = flash_attention_ref(q, k, v, causal=True)
+    return (q, k, v, o, _randn(*q.shape, dtype=dt, seed=13), lse.float())
+
+
 KERNELS = {
     "rmsnorm": KernelSpec(
         module="rmsnorm",
@@ -114,6 +131,12 @@ KERNELS = {
         module="swiglu",
         describe=lambda s: f"gate,up[{s['rows']},{s['ffn']}]",
         directions=(Direction("fwd", "swiglu_fwd", _swiglu_fwd), Direction("bwd", "swiglu_bwd", _swiglu_bwd))),
+    "attention": KernelSpec(
+        module="attention",
+        # q [B, Hq, S, D] and k/v [B, Hkv, S, D] as "q,kv[B,Hq/Hkv,S,D]" (keeps the table's column width)
+        describe=lambda s: f"q,kv[{MICRO_BATCH},{s['q_heads']}/{s['kv_heads']},{SEQ},{HEAD_DIM}] causal",
+        directions=(Direction("fwd", "flash_attention_fwd", _attn_fwd),
+                    Direction("bwd", "flash_attention_bwd", _attn_bwd))),
 }
 
 

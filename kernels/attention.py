@@ -1,0 +1,516 @@
+"""Flash attention with native GQA, forward and backward, as NKI kernels (trn1, NeuronCore-v2).
+
+Reference: ``kernels.reference.flash_attention_ref`` (forward) and ``flash_attention_bwd_ref`` (backward).
+Op:        ``kernels.ops.flash_attention``.   Tests: ``tests/test_kernel_attention.py``.
+
+Shapes: q, o, do [B, Hq, S, D]; k, v [B, Hkv, S, D] with Hq % Hkv == 0; query head h reads kv head
+h // (Hq // Hkv) (GQA by index mapping: K/V are never repeated, in HBM or on chip). lse [B, Hq, S] fp32.
+Any S from 1 to MAX_SEQ[dtype] (tails of S % 128 rows use partition-clamped slices); D from 1 to 128.
+
+Math (FlashAttention-2, spec 5.2/5.3), s = q.k (raw scores, fp32 in PSUM), c = softmax_scale > 0:
+  forward   per 128-query tile, over key blocks of up to 2048: m = running max of s (fp32),
+            p = exp(c*s - c*m) (ScalarE, fp32; rounded to the input dtype for the P @ V matmul),
+            l = l * alpha + rowsum(p) (fp32, rowsum taken before the rounding), alpha = exp(c*m_old - c*m),
+            acc = acc * alpha + P @ V (fp32 SBUF, PSUM-accumulated per block),
+            o = acc / l (one rounding to q.dtype), lse = c*m + log(l) (fp32).
+  backward  per 128-query tile and 512-key block: p = exp(c*s - lse) recomputed (fp32, rounded to the input
+            dtype for the matmuls), dp = do @ v^T (fp32 PSUM), Dlt = rowsum(do * o) (fp32),
+            ds = p * (dp - Dlt) (fp32, rounded to the input dtype for the matmuls),
+            dv = sum p^T @ do,  dk = c * sum ds^T @ q,  dq = c * sum ds @ k, all sums fp32 (PSUM, then fp32
+            SBUF across blocks); dk/dv also summed over the query heads of the kv head's group inside the
+            kernel. Each gradient is rounded once to its input dtype.
+Causal: blocks entirely above the diagonal are never computed (each query tile stops at its last key);
+only the diagonal 128 x 128 sub-block is masked, by adding a precomputed 0 / -1e30 tile to the fp32 scores
+in PSUM (exp then gives exactly 0; the diagonal element is always kept, so every row max is finite).
+
+Layout (contraction on the partition dim, nc_matmul: dst = stationary.T @ moving):
+  scores [q, k]  = (q^T [D, q]).T @ k^T [D, k<=512]     q^T, k^T made by TensorE transposes of row tiles
+  o      [q, D] += (p^T [k, q]).T @ v [k, D]            p^T by TensorE transposes of p, 128 keys at a time
+  dp     [q, k]  = (do^T [D, q]).T @ v^T [D, k]
+  dv     [k, D] += (p [q, k<=128]).T @ do [q, D]        p and ds are already stationary-shaped: no transpose
+  dk     [k, D] += (ds [q, k<=128]).T @ q [q, D]
+  dq     [q, D] += (ds^T [k, q]).T @ k [k, D]           ds^T by TensorE transposes
+TensorE transposes write PSUM in the data's own dtype ("The output dst tile must have the same data type
+as that of data", https://awsdocs-neuron.readthedocs-hosted.com/general/nki/api/generated/nki.isa.nc_transpose.html)
+and are evicted to SBUF by a Vector copy.
+
+HBM traffic: per (batch, kv head) K and V are read once and stay in SBUF for all the group's query heads;
+q, o, do, lse are read once and o, lse, dq, dk, dv written once: the minimum-bytes schedule. The price is
+SBUF residency growing with S, hence MAX_SEQ (budgets next to each kernel).
+"""
+from __future__ import annotations
+
+import math
+
+from kernels.nki_compat import nki, nl, nisa
+
+MAX_HEAD_DIM = 128
+# Longest sequence per dtype: the kv head's K/V (forward) or K, K^T, V^T and fp32 dK/dV (backward) stay in
+# SBUF; at these lengths (D = 128) the interpreter measures backward peaks of 124 KiB (bf16) and 100 KiB
+# (fp32) of trn1's 176 KiB per partition; twice the length would not fit.
+MAX_SEQ = {"bfloat16": 8192, "float32": 4096}
+
+_P = 128                 # partitions (nl.tile_size.pmax)
+_MM_N = 512              # moving free size / fp32 elements of one PSUM bank (gemm_moving_fmax, psum_fmax)
+_FWD_BLOCK = 2048        # keys per online-softmax step in the forward (scores span 4 PSUM banks)
+_BWD_BLOCK = 512         # keys per backward block (one PSUM bank of scores)
+_CHUNK_TILES = 4         # 128-row tiles per DMA / per transpose group (512 rows)
+_MASKED = -1.0e30        # added to masked fp32 scores: exp(c * (s - 1e30) - ...) == 0, no overflow to -inf
+
+
+def _causal_mask():
+    """[128, 128] fp32 SBUF tile: 0 where key f <= query p (kept), -1e30 above the diagonal.
+
+    GpSimd affine_select with a = p - f >= 0 (pattern [[-1, 128]], channel_multiplier 1), spec 2.6."""
+    zeros = nl.ndarray((_P, _P), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.memset(dst=zeros, value=0.0)
+    mask = nl.ndarray((_P, _P), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.affine_select(dst=mask, pattern=[[-1, _P]], channel_multiplier=1, on_true_tile=zeros,
+                       on_false_value=_MASKED, cmp_op=nl.greater_equal, offset=0)
+    return mask
+
+
+def _tiles(n_rows):
+    """[(row start, rows)] of the 128-row tiles of n_rows."""
+    return [(r0, min(_P, n_rows - r0)) for r0 in range(0, n_rows, _P)]
+
+
+def _load_rows(dst, src, r0, n_rows):
+    """DMA rows r0..r0+n_rows of the HBM matrix src [S, D] into dst [128, n_tiles, D] (row r0 + t*128 + p of
+    src -> dst[p, t, :]): one DMA for the whole 128-row tiles, one for a partial tail tile."""
+    n_full = n_rows // _P
+    if n_full:
+        view = src[r0:r0 + n_full * _P, :].reshape((n_full, _P, src.shape[1])).permute((1, 0, 2))
+        nisa.dma_copy(dst=dst[:, 0:n_full, :], src=view)
+    tail = n_rows - n_full * _P
+    if tail:
+        nisa.dma_copy(dst=dst[0:tail, n_full, :], src=src[r0 + n_full * _P:r0 + n_rows, :])
+
+
+def _store_rows(dst, src, r0, n_rows):
+    """Inverse of _load_rows: SBUF src [128, n_tiles, D] -> rows r0..r0+n_rows of the HBM matrix dst [S, D]."""
+    n_full = n_rows // _P
+    if n_full:
+        view = dst[r0:r0 + n_full * _P, :].reshape((n_full, _P, dst.shape[1])).permute((1, 0, 2))
+        nisa.dma_copy(dst=view, src=src[:, 0:n_full, :])
+    tail = n_rows - n_full * _P
+    if tail:
+        nisa.dma_copy(dst=dst[r0 + n_full * _P:r0 + n_rows, :], src=src[0:tail, n_full, :])
+
+
+def _store_cols(dst, src, r0, n_rows):
+    """SBUF src [128, n_tiles] (fp32 per row) -> HBM vector dst [S] at r0..r0+n_rows (row r0 + t*128 + p)."""
+    n_full = n_rows // _P
+    if n_full:
+        view = dst[r0:r0 + n_full * _P].reshape((n_full, _P)).permute((1, 0))
+        nisa.dma_copy(dst=view, src=src[:, 0:n_full])
+    tail = n_rows - n_full * _P
+    if tail:
+        nisa.dma_copy(dst=dst[r0 + n_full * _P:r0 + n_rows], src=src[0:tail, n_full:n_full + 1])
+
+
+def _load_cols(dst, src, r0, n_rows):
+    """HBM vector src [S] rows r0..r0+n_rows -> SBUF dst [128, n_tiles] (inverse of _store_cols)."""
+    n_full = n_rows // _P
+    if n_full:
+        view = src[r0:r0 + n_full * _P].reshape((n_full, _P)).permute((1, 0))
+        nisa.dma_copy(dst=dst[:, 0:n_full], src=view)
+    tail = n_rows - n_full * _P
+    if tail:
+        nisa.dma_copy(dst=dst[0:tail, n_full:n_full + 1], src=src[r0 + n_full * _P:r0 + n_rows])
+
+
+def _transpose_rows(dst_t, c0, rows_sb, n_rows, t_ps):
+    """dst_t[:, c0:c0+n_rows] (SBUF [D, *]) = transpose of the row tiles rows_sb [128, n_tiles, D] (<= 4 tiles).
+
+    One TensorE transpose per tile into the PSUM tile t_ps [128, 512] (dtype of the data), then one Vector
+    copy of the whole group to SBUF."""
+    d = rows_sb.shape[2]
+    for t, (r0, rows) in enumerate(_tiles(n_rows)):
+        nisa.nc_transpose(dst=t_ps[0:d, r0:r0 + rows], data=rows_sb[0:rows, t, :])
+    nisa.tensor_copy(dst=dst_t[0:d, c0:c0 + n_rows], src=t_ps[0:d, 0:n_rows])
+
+
+def _transpose_cols(dst_sb, src, rows, width, t_ps):
+    """dst_sb[k, j*rows + q] = src[q, j*128 + k] for the 128-column chunks j of src[0:rows, 0:width]
+    (width <= 512): TensorE transposes into t_ps [128, 4*rows], evicted by one Vector copy for the full
+    chunks and one for a partial (< 128 column) last chunk. Returns [(chunk column start, width)]."""
+    chunks = _tiles(width)
+    for j, (c0, kw) in enumerate(chunks):
+        nisa.nc_transpose(dst=t_ps[0:kw, j * rows:(j + 1) * rows], data=src[0:rows, c0:c0 + kw])
+    n_full = sum(1 for _, kw in chunks if kw == _P)
+    if n_full:
+        nisa.tensor_copy(dst=dst_sb[:, 0:n_full * rows], src=t_ps[:, 0:n_full * rows])
+    if n_full < len(chunks):
+        kw = chunks[-1][1]
+        nisa.tensor_copy(dst=dst_sb[0:kw, n_full * rows:(n_full + 1) * rows],
+                         src=t_ps[0:kw, n_full * rows:(n_full + 1) * rows])
+    return chunks
+
+
+def _load_transposed(dst_t, src, n_rows, stage, t_ps, rows_dst=None):
+    """dst_t [D, n_rows] = src[0:n_rows, :]^T for an HBM matrix src [S, D], 512 rows per DMA and transpose group;
+    if rows_dst [128, n_tiles, D] is given the row tiles are kept there too (stage is then unused)."""
+    for r0 in range(0, n_rows, _CHUNK_TILES * _P):
+        rows = min(_CHUNK_TILES * _P, n_rows - r0)
+        if rows_dst is not None:
+            t0 = r0 // _P
+            buf = rows_dst[:, t0:t0 + (rows + _P - 1) // _P, :]
+        else:
+            buf = stage
+        _load_rows(buf, src, r0, rows)
+        _transpose_rows(dst_t, r0, buf, rows, t_ps[(r0 // (_CHUNK_TILES * _P)) % 2])
+
+
+# --------------------------------------------------------------------------- forward
+
+@nki.jit
+def flash_fwd(q, k, v, causal=True, softmax_scale=1.0):
+    """q [B, Hq, S, D], k/v [B, Hkv, S, D] (bf16|fp32) -> (o [B, Hq, S, D] q.dtype, lse [B, Hq, S] fp32).
+
+    Loops: batch -> kv head (K^T and V loaded once, kept in SBUF) -> its query heads -> 512-row query chunks
+    (one DMA in, one out) -> 128-row query tiles -> key blocks of <= 2048 (causal: up to the tile's last key).
+    SBUF per partition (S = 4096, D = 128): k^T 8 KiB + v 8 KiB + q^T, staging, o 3 KiB + p block 4 KiB (bf16;
+    x2 for fp32) + small fp32 tiles; the interpreter measures 25 KiB (bf16) / 49 KiB (fp32). PSUM: scores
+    4 banks + 2 transpose banks + 1 P @ V bank = 7 of 8.
+    """
+    B, Hq, S, D = q.shape
+    Hkv = k.shape[1]
+    G = Hq // Hkv
+    dt = q.dtype
+    f32 = nl.float32
+    c = float(softmax_scale)
+    T = (S + _P - 1) // _P
+    CH = _CHUNK_TILES * _P
+    o = nl.ndarray((B, Hq, S, D), dtype=dt, buffer=nl.shared_hbm)
+    lse = nl.ndarray((B, Hq, S), dtype=f32, buffer=nl.shared_hbm)
+
+    mask = _causal_mask() if causal else None
+    # PSUM tiles live for the whole launch; every matmul group starts with accumulate=False.
+    s_ps = nl.ndarray((_P, _FWD_BLOCK), dtype=f32, buffer=nl.psum)
+    t_ps = [nl.ndarray((_P, _MM_N), dtype=dt, buffer=nl.psum) for _ in range(2)]
+    pv_ps = nl.ndarray((_P, D), dtype=f32, buffer=nl.psum)
+    k_t = nl.ndarray((D, S), dtype=dt, buffer=nl.sbuf)
+    v_sb = nl.ndarray((_P, T, D), dtype=dt, buffer=nl.sbuf)
+    stage = nl.ndarray((_P, _CHUNK_TILES, D), dtype=dt, buffer=nl.sbuf)
+    q_t = nl.ndarray((D, CH), dtype=dt, buffer=nl.sbuf)
+    o_sb = nl.ndarray((_P, _CHUNK_TILES, D), dtype=dt, buffer=nl.sbuf)
+    lse_sb = nl.ndarray((_P, _CHUNK_TILES), dtype=f32, buffer=nl.sbuf)
+    p_sb = nl.ndarray((_P, _FWD_BLOCK), dtype=dt, buffer=nl.sbuf)
+    p_t = nl.ndarray((_P, _CHUNK_TILES * _P), dtype=dt, buffer=nl.sbuf)
+    acc = nl.ndarray((_P, D), dtype=f32, buffer=nl.sbuf)
+    n_transposes = 0
+
+    for b in range(B):
+        for g in range(Hkv):
+            _load_transposed(k_t, k[b, g], S, stage, t_ps)
+            _load_rows(v_sb, v[b, g], 0, S)
+            for h in range(g * G, (g + 1) * G):
+                for r0 in range(0, S, CH):
+                    n_rows = min(CH, S - r0)
+                    _load_rows(stage, q[b, h], r0, n_rows)
+                    _transpose_rows(q_t, 0, stage, n_rows, t_ps[0])
+                    for i, (i0, rows) in enumerate(_tiles(n_rows)):
+                        q0 = r0 + i0
+                        kv_end = q0 + rows if causal else S
+                        m = l_run = None
+                        for j0 in range(0, kv_end, _FWD_BLOCK):
+                            w = min(_FWD_BLOCK, kv_end - j0)
+                            for c0 in range(0, w, _MM_N):
+                                cw = min(_MM_N, w - c0)
+                                nisa.nc_matmul(dst=s_ps[0:rows, c0:c0 + cw], stationary=q_t[:, i0:i0 + rows],
+                                               moving=k_t[:, j0 + c0:j0 + c0 + cw], accumulate=False,
+                                               name="scores")
+                            if causal and j0 + w == kv_end:
+                                d0 = q0 - j0           # the diagonal sub-block: keys q0..q0+rows
+                                nisa.tensor_tensor(dst=s_ps[0:rows, d0:d0 + rows], data1=s_ps[0:rows, d0:d0 + rows],
+                                                   data2=mask[0:rows, 0:rows], op=nl.add, name="causal_mask")
+                            bmax = nl.ndarray((_P, 1), dtype=f32, buffer=nl.sbuf)
+                            nisa.tensor_reduce(dst=bmax[0:rows], op=nl.maximum, data=s_ps[0:rows, 0:w], axis=1)
+                            if m is None:
+                                m_new = bmax
+                            else:
+                                m_new = nl.ndarray((_P, 1), dtype=f32, buffer=nl.sbuf)
+                                nisa.tensor_tensor(dst=m_new[0:rows], data1=m[0:rows], data2=bmax[0:rows],
+                                                   op=nl.maximum)
+                            neg_m = nl.ndarray((_P, 1), dtype=f32, buffer=nl.sbuf)
+                            nisa.tensor_scalar(dst=neg_m[0:rows], data=m_new[0:rows], op0=nl.multiply, operand0=-c)
+                            rsum = nl.ndarray((_P, 1), dtype=f32, buffer=nl.sbuf)
+                            # p = exp(c*s - c*m), row sums in fp32 before p is rounded to dt (spec 2.4)
+                            nisa.activation_reduce(dst=p_sb[0:rows, 0:w], op=nl.exp, data=s_ps[0:rows, 0:w],
+                                                   reduce_op=nl.add, reduce_res=rsum[0:rows], bias=neg_m[0:rows],
+                                                   scale=c)
+                            alpha = None
+                            if m is None:
+                                l_run = rsum
+                            else:
+                                alpha = nl.ndarray((_P, 1), dtype=f32, buffer=nl.sbuf)
+                                nisa.activation(dst=alpha[0:rows], op=nl.exp, data=m[0:rows], bias=neg_m[0:rows],
+                                                scale=c)
+                                l_new = nl.ndarray((_P, 1), dtype=f32, buffer=nl.sbuf)
+                                nisa.scalar_tensor_tensor(dst=l_new[0:rows], data=l_run[0:rows], op0=nl.multiply,
+                                                          operand0=alpha[0:rows], op1=nl.add,
+                                                          operand1=rsum[0:rows])
+                                l_run = l_new
+                            m = m_new
+                            # P @ V over the block, 512 keys per transpose group, accumulated in one PSUM bank
+                            first = True
+                            for c0 in range(0, w, _MM_N):
+                                cw = min(_MM_N, w - c0)
+                                chunks = _transpose_cols(p_t, p_sb[:, c0:c0 + cw], rows, cw,
+                                                         t_ps[n_transposes % 2])
+                                n_transposes += 1
+                                for jj, (k0, kw) in enumerate(chunks):
+                                    nisa.nc_matmul(dst=pv_ps[0:rows, :],
+                                                   stationary=p_t[0:kw, jj * rows:(jj + 1) * rows],
+                                                   moving=v_sb[0:kw, (j0 + c0 + k0) // _P, :], accumulate=not first)
+                                    first = False
+                            if alpha is None:
+                                nisa.tensor_copy(dst=acc[0:rows], src=pv_ps[0:rows, :])
+                            else:
+                                nisa.scalar_tensor_tensor(dst=acc[0:rows], data=acc[0:rows], op0=nl.multiply,
+                                                          operand0=alpha[0:rows], op1=nl.add,
+                                                          operand1=pv_ps[0:rows, :])
+                        # o = acc / l (one rounding), lse = c*m + log(l) = log(l) - neg_m
+                        recip = nl.ndarray((_P, 1), dtype=f32, buffer=nl.sbuf)
+                        nisa.reciprocal(dst=recip[0:rows], data=l_run[0:rows])
+                        nisa.tensor_scalar(dst=o_sb[0:rows, i, :], data=acc[0:rows], op0=nl.multiply,
+                                           operand0=recip[0:rows])
+                        log_l = nl.ndarray((_P, 1), dtype=f32, buffer=nl.sbuf)
+                        nisa.activation(dst=log_l[0:rows], op=nl.log, data=l_run[0:rows])
+                        nisa.scalar_tensor_tensor(dst=lse_sb[0:rows, i:i + 1], data=neg_m[0:rows],
+                                                  op0=nl.multiply, operand0=-1.0, op1=nl.add,
+                                                  operand1=log_l[0:rows])
+                    _store_rows(o[b, h], o_sb, r0, n_rows)
+                    _store_cols(lse[b, h], lse_sb, r0, n_rows)
+    return o, lse
+
+
+# --------------------------------------------------------------------------- backward
+
+@nki.jit
+def flash_bwd(q, k, v, o, do, lse, causal=True, softmax_scale=1.0):
+    """Gradients of flash_fwd: (dq [B,Hq,S,D] q.dtype, dk, dv [B,Hkv,S,D] k.dtype); lse is flash_fwd's fp32 lse.
+
+    Loops: batch -> kv head (K rows, K^T, V^T loaded once; fp32 dK/dV accumulators in SBUF) -> its query heads
+    -> 512-row query chunks (q, o, do, lse in by one DMA each; dq out by one) -> 512-key blocks (causal: up to
+    the chunk's last key) -> the chunk's 128-row query tiles. dK/dV of a block accumulate in PSUM over the
+    chunk's query tiles and are added to the SBUF accumulators once per (chunk, block); dq of the chunk's four
+    tiles accumulates in one PSUM bank over all blocks.
+    SBUF per partition (S = 4096, D = 128, bf16): k rows, k^T, v^T 24 KiB + fp32 dK, dV 32 KiB + chunk tiles
+    ~12 KiB; the interpreter measures 68 KiB (bf16) / 100 KiB (fp32). PSUM: scores, dP, dV, dK, dQ 5 banks +
+    2 transpose banks = 7 of 8.
+    """
+    B, Hq, S, D = q.shape
+    Hkv = k.shape[1]
+    G = Hq // Hkv
+    dt = q.dtype
+    f32 = nl.float32
+    c = float(softmax_scale)
+    T = (S + _P - 1) // _P
+    CH = _CHUNK_TILES * _P
+    dq = nl.ndarray((B, Hq, S, D), dtype=dt, buffer=nl.shared_hbm)
+    dk = nl.ndarray((B, Hkv, S, D), dtype=dt, buffer=nl.shared_hbm)
+    dv = nl.ndarray((B, Hkv, S, D), dtype=dt, buffer=nl.shared_hbm)
+
+    mask = _causal_mask() if causal else None
+    s_ps = nl.ndarray((_P, _BWD_BLOCK), dtype=f32, buffer=nl.psum)
+    dp_ps = nl.ndarray((_P, _BWD_BLOCK), dtype=f32, buffer=nl.psum)
+    dv_ps = nl.ndarray((_P, _CHUNK_TILES, D), dtype=f32, buffer=nl.psum)
+    dk_ps = nl.ndarray((_P, _CHUNK_TILES, D), dtype=f32, buffer=nl.psum)
+    dq_ps = nl.ndarray((_P, _CHUNK_TILES, D), dtype=f32, buffer=nl.psum)
+    t_ps = [nl.ndarray((_P, _MM_N), dtype=dt, buffer=nl.psum) for _ in range(2)]
+
+    k_rows = nl.ndarray((_P, T, D), dtype=dt, buffer=nl.sbuf)
+    k_t = nl.ndarray((D, S), dtype=dt, buffer=nl.sbuf)
+    v_t = nl.ndarray((D, S), dtype=dt, buffer=nl.sbuf)
+    dk_acc = nl.ndarray((_P, T, D), dtype=f32, buffer=nl.sbuf)
+    dv_acc = nl.ndarray((_P, T, D), dtype=f32, buffer=nl.sbuf)
+    stage = nl.ndarray((_P, _CHUNK_TILES, D), dtype=dt, buffer=nl.sbuf)
+    q_rows = nl.ndarray((_P, _CHUNK_TILES, D), dtype=dt, buffer=nl.sbuf)
+    do_rows = nl.ndarray((_P, _CHUNK_TILES, D), dtype=dt, buffer=nl.sbuf)
+    q_t = nl.ndarray((D, CH), dtype=dt, buffer=nl.sbuf)
+    do_t = nl.ndarray((D, CH), dtype=dt, buffer=nl.sbuf)
+    prod = nl.ndarray((_P, _CHUNK_TILES, D), dtype=f32, buffer=nl.sbuf)
+    dlt = nl.ndarray((_P, _CHUNK_TILES), dtype=f32, buffer=nl.sbuf)
+    lse_sb = nl.ndarray((_P, _CHUNK_TILES), dtype=f32, buffer=nl.sbuf)
+    neg_lse = nl.ndarray((_P, _CHUNK_TILES), dtype=f32, buffer=nl.sbuf)
+    p_sb = nl.ndarray((_P, _BWD_BLOCK), dtype=dt, buffer=nl.sbuf)
+    ds_sb = nl.ndarray((_P, _BWD_BLOCK), dtype=dt, buffer=nl.sbuf)
+    ds_t = nl.ndarray((_P, _CHUNK_TILES * _P), dtype=dt, buffer=nl.sbuf)
+    out_sb = nl.ndarray((_P, _CHUNK_TILES, D), dtype=dt, buffer=nl.sbuf)
+    n_transposes = 0
+
+    for b in range(B):
+        for g in range(Hkv):
+            _load_transposed(k_t, k[b, g], S, stage, t_ps, rows_dst=k_rows)
+            _load_transposed(v_t, v[b, g], S, stage, t_ps)
+            nisa.memset(dst=dk_acc, value=0.0)
+            nisa.memset(dst=dv_acc, value=0.0)
+            for h in range(g * G, (g + 1) * G):
+                for r0 in range(0, S, CH):
+                    n_rows = min(CH, S - r0)
+                    tiles = _tiles(n_rows)
+                    _load_rows(q_rows, q[b, h], r0, n_rows)
+                    _transpose_rows(q_t, 0, q_rows, n_rows, t_ps[0])
+                    _load_rows(do_rows, do[b, h], r0, n_rows)
+                    _transpose_rows(do_t, 0, do_rows, n_rows, t_ps[1])
+                    _load_rows(stage, o[b, h], r0, n_rows)
+                    _load_cols(lse_sb, lse[b, h], r0, n_rows)
+                    nt = len(tiles)
+                    full = n_rows // _P
+                    # Dlt = rowsum(do * o) in fp32; neg_lse = -lse (the exp bias), for the chunk's tiles at once
+                    if full:
+                        nisa.tensor_tensor(dst=prod[:, 0:full, :], data1=do_rows[:, 0:full, :],
+                                           data2=stage[:, 0:full, :], op=nl.multiply)
+                        nisa.tensor_reduce(dst=dlt[:, 0:full], op=nl.add, data=prod[:, 0:full, :], axis=2)
+                        nisa.tensor_scalar(dst=neg_lse[:, 0:full], data=lse_sb[:, 0:full], op0=nl.multiply,
+                                           operand0=-1.0)
+                    if full < nt:
+                        tr = tiles[-1][1]
+                        nisa.tensor_tensor(dst=prod[0:tr, full, :], data1=do_rows[0:tr, full, :],
+                                           data2=stage[0:tr, full, :], op=nl.multiply)
+                        nisa.tensor_reduce(dst=dlt[0:tr, full:full + 1], op=nl.add, data=prod[0:tr, full, :],
+                                           axis=1)
+                        nisa.tensor_scalar(dst=neg_lse[0:tr, full:full + 1], data=lse_sb[0:tr, full:full + 1],
+                                           op0=nl.multiply, operand0=-1.0)
+
+                    kv_end_chunk = r0 + n_rows if causal else S
+                    dq_started = [False] * nt
+                    for j0 in range(0, kv_end_chunk, _BWD_BLOCK):
+                        kv_started = [False] * _CHUNK_TILES      # dK/dV PSUM sub-tiles of this block
+                        for i, (i0, rows) in enumerate(tiles):
+                            q0 = r0 + i0
+                            kv_end = q0 + rows if causal else S
+                            if j0 >= kv_end:
+                                continue                      # block entirely above the diagonal: skipped
+                            w = min(_BWD_BLOCK, kv_end - j0)
+                            nisa.nc_matmul(dst=s_ps[0:rows, 0:w], stationary=q_t[:, i0:i0 + rows],
+                                           moving=k_t[:, j0:j0 + w], accumulate=False, name="scores")
+                            if causal and j0 + w == kv_end:
+                                d0 = q0 - j0
+                                nisa.tensor_tensor(dst=s_ps[0:rows, d0:d0 + rows], data1=s_ps[0:rows, d0:d0 + rows],
+                                                   data2=mask[0:rows, 0:rows], op=nl.add, name="causal_mask")
+                            # p = exp(c*s - lse), fp32 on ScalarE, rounded to dt
+                            nisa.activation(dst=p_sb[0:rows, 0:w], op=nl.exp, data=s_ps[0:rows, 0:w],
+                                            bias=neg_lse[0:rows, i:i + 1], scale=c)
+                            nisa.nc_matmul(dst=dp_ps[0:rows, 0:w], stationary=do_t[:, i0:i0 + rows],
+                                           moving=v_t[:, j0:j0 + w], accumulate=False)
+                            # ds = (dp - Dlt) * p (fp32), rounded to dt
+                            nisa.scalar_tensor_tensor(dst=ds_sb[0:rows, 0:w], data=dp_ps[0:rows, 0:w],
+                                                      op0=nl.subtract, operand0=dlt[0:rows, i:i + 1],
+                                                      op1=nl.multiply, operand1=p_sb[0:rows, 0:w])
+                            for jj, (k0, kw) in enumerate(_tiles(w)):
+                                nisa.nc_matmul(dst=dv_ps[0:kw, jj, :], stationary=p_sb[0:rows, k0:k0 + kw],
+                                               moving=do_rows[0:rows, i, :], accumulate=kv_started[jj])
+                                nisa.nc_matmul(dst=dk_ps[0:kw, jj, :], stationary=ds_sb[0:rows, k0:k0 + kw],
+                                               moving=q_rows[0:rows, i, :], accumulate=kv_started[jj])
+                                kv_started[jj] = True
+                            chunks = _transpose_cols(ds_t, ds_sb, rows, w, t_ps[n_transposes % 2])
+                            n_transposes += 1
+                            for jj, (k0, kw) in enumerate(chunks):
+                                nisa.nc_matmul(dst=dq_ps[0:rows, i, :],
+                                               stationary=ds_t[0:kw, jj * rows:(jj + 1) * rows],
+                                               moving=k_rows[0:kw, (j0 + k0) // _P, :], accumulate=dq_started[i])
+                                dq_started[i] = True
+                        # dK/dV of this block (all of the chunk's tiles) into the fp32 SBUF accumulators
+                        n_sub = sum(kv_started)
+                        t0 = j0 // _P
+                        sub_full = sum(1 for jj in range(n_sub) if min(_P, S - j0 - jj * _P) == _P)
+                        for acc_t, ps in ((dv_acc, dv_ps), (dk_acc, dk_ps)):
+                            if sub_full:
+                                nisa.tensor_tensor(dst=acc_t[:, t0:t0 + sub_full, :],
+                                                   data1=acc_t[:, t0:t0 + sub_full, :],
+                                                   data2=ps[:, 0:sub_full, :], op=nl.add)
+                            if sub_full < n_sub:
+                                kw = S - j0 - sub_full * _P
+                                nisa.tensor_tensor(dst=acc_t[0:kw, t0 + sub_full, :],
+                                                   data1=acc_t[0:kw, t0 + sub_full, :],
+                                                   data2=ps[0:kw, sub_full, :], op=nl.add)
+                    # dq = c * sum_blocks ds @ k, one rounding to dt
+                    if full:
+                        nisa.tensor_scalar(dst=out_sb[:, 0:full, :], data=dq_ps[:, 0:full, :], op0=nl.multiply,
+                                           operand0=c)
+                    if full < nt:
+                        tr = tiles[-1][1]
+                        nisa.tensor_scalar(dst=out_sb[0:tr, full, :], data=dq_ps[0:tr, full, :], op0=nl.multiply,
+                                           operand0=c)
+                    _store_rows(dq[b, h], out_sb, r0, n_rows)
+            # dk = c * dK_acc, dv = dV_acc, one rounding each, 512 rows per store
+            for r0 in range(0, S, CH):
+                n_rows = min(CH, S - r0)
+                t0 = r0 // _P
+                nt = (n_rows + _P - 1) // _P
+                for acc_t, scale_by, dst in ((dk_acc, c, dk), (dv_acc, 1.0, dv)):
+                    nisa.tensor_scalar(dst=out_sb[:, 0:nt, :], data=acc_t[:, t0:t0 + nt, :], op0=nl.multiply,
+                                       operand0=scale_by)
+                    _store_rows(dst[b, g], out_sb, r0, n_rows)
+    return dq, dk, dv
+
+
+# --------------------------------------------------------------------------- torch-level launchers
+
+_DTYPES = ("torch.bfloat16", "torch.float32")
+
+
+def _fail(msg):
+    raise ValueError(f"kernels/attention.py: {msg}")
+
+
+def _check_qkv(q, k, v, softmax_scale):
+    """Validate q/k/v; returns the softmax scale (1/sqrt(D) by default)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if str(t.dtype) not in _DTYPES:
+            _fail(f"{name} has dtype {t.dtype}; supported dtypes are bfloat16 and float32")
+        if t.dim() != 4:
+            _fail(f"{name} must be 4-D [B, heads, S, D], got shape {tuple(t.shape)}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        _fail(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if tuple(k.shape) != tuple(v.shape):
+        _fail(f"k shape {tuple(k.shape)} != v shape {tuple(v.shape)}")
+    B, Hq, S, D = q.shape
+    if k.shape[0] != B or k.shape[2] != S or k.shape[3] != D:
+        _fail(f"k/v shape {tuple(k.shape)} must match q shape {tuple(q.shape)} in batch, sequence and head_dim "
+              f"(self-attention, Sq == Sk)")
+    if min(B, Hq, k.shape[1], S, D) < 1:
+        _fail(f"empty input q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if Hq % k.shape[1]:
+        _fail(f"query heads {Hq} (q {tuple(q.shape)}) must be a multiple of kv heads {k.shape[1]} "
+              f"(k {tuple(k.shape)}) for GQA")
+    if D > MAX_HEAD_DIM:
+        _fail(f"head_dim {D} of q {tuple(q.shape)} exceeds {MAX_HEAD_DIM} (the partition dim of q^T/k^T: rule "
+              f"matmul contraction <= 128)")
+    limit = MAX_SEQ[str(q.dtype).replace("torch.", "")]
+    if S > limit:
+        _fail(f"sequence length {S} of q {tuple(q.shape)} exceeds {limit} for {q.dtype} (K/V of one kv head and "
+              f"the fp32 dK/dV accumulators stay in SBUF: 176 KiB per partition on trn1)")
+    scale = 1.0 / math.sqrt(D) if softmax_scale is None else float(softmax_scale)
+    if not (math.isfinite(scale) and scale > 0):
+        _fail(f"softmax_scale {softmax_scale!r} must be a finite number > 0 (the running max is taken on the "
+              f"unscaled scores)")
+    return scale
+
+
+def flash_attention_fwd(q, k, v, causal=True, softmax_scale=None):
+    """-> (o [B, Hq, S, D] in q.dtype, lse [B, Hq, S] fp32), softmax(q k^T * scale [causal]) v with native GQA."""
+    scale = _check_qkv(q, k, v, softmax_scale)
+    return flash_fwd(q.contiguous(), k.contiguous(), v.contiguous(), causal=bool(causal), softmax_scale=scale)
+
+
+def flash_attention_bwd(q, k, v, o, do, lse, causal=True, softmax_scale=None):
+    """Gradients of flash_attention_fwd for the upstream gradient do: -> (dq, dk, dv) in the input dtype.
+
+    o and lse are flash_attention_fwd's outputs for the same q, k, v, causal and softmax_scale; dk/dv are summed
+    over the query heads of each kv head's group inside the kernel."""
+    scale = _check_qkv(q, k, v, softmax_scale)
+    for name, t in (("o", o), ("do", do)):
+        if tuple(t.shape) != tuple(q.shape):
+            _fail(f"{name} shape {tuple(t.shape)} != q shape {tuple(q.shape)}")
+        if t.dtype != q.dtype:
+            _fail(f"{name} dtype {t.dtype} != q dtype {q.dtype}")
+    if tuple(lse.shape) != tuple(q.shape[:3]):
+        _fail(f"lse shape {tuple(lse.shape)} must be [B, Hq, S] = {tuple(q.shape[:3])}")
+    if str(lse.dtype) != "torch.float32":
+        _fail(f"lse dtype {lse.dtype} must be float32 (the forward's fp32 log-sum-exp)")
+    return flash_bwd(q.contiguous(), k.contiguous(), v.contiguous(), o.contiguous(), do.contiguous(),
+                     lse.contiguous(), causal=bool(causal), softmax_scale=scale)
