@@ -37,7 +37,7 @@ def rms_norm_ref(x: torch.Tensor, w: torch.Tensor, eps: float = 1e-5) -> tuple[t
     """
     acc = _acc(x.dtype)
     x32 = x.to(acc)
-    rstd = torch.rsqrt(x32.pow(2).mean(-1) + eps)
+    rstd = x32.pow(2).mean(-1).add_(eps).rsqrt_()
     x_hat = (x32 * rstd.unsqueeze(-1)).to(x.dtype)
     y = (x_hat.to(acc) * w.to(acc)).to(x.dtype)
     return y, rstd
@@ -57,8 +57,9 @@ def rms_norm_bwd_ref(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
     r = rstd.to(acc).unsqueeze(-1)
     x_hat = x32 * r
     g = dy32 * w32
-    dx = r * (g - x_hat * (g * x_hat).mean(-1, keepdim=True))
     dw = (dy32 * x_hat).reshape(-1, x.shape[-1]).sum(0)
+    # dx in place on the fresh temporaries g and x_hat: fewer [.., H] allocations, same arithmetic
+    dx = g.sub_(x_hat.mul_((g * x_hat).mean(-1, keepdim=True))).mul_(r)
     return dx.to(x.dtype), dw.to(w.dtype)
 
 
@@ -90,14 +91,7 @@ def apply_rope_ref(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
     computed in the compute dtype and rounded once to x.dtype (PyTorch in bf16 would round after each
     product and after the sum; this is the more accurate value and the one the NKI kernel produces).
     """
-    c, s = _heads_view(cos), _heads_view(sin)
-
-    def rot(x):
-        acc = _acc(x.dtype)
-        x32 = x.to(acc)
-        return (x32 * c.to(acc) + rotate_half(x32) * s.to(acc)).to(x.dtype)
-
-    return rot(q), rot(k)
+    return _rotate(q, cos, sin, False), _rotate(k, cos, sin, False)
 
 
 def rope_bwd_ref(dq_rot: torch.Tensor, dk_rot: torch.Tensor, cos: torch.Tensor,
@@ -106,14 +100,25 @@ def rope_bwd_ref(dq_rot: torch.Tensor, dk_rot: torch.Tensor, cos: torch.Tensor,
 
         dx = dy * cos + rotate_half^T(dy * sin)
     """
-    c, s = _heads_view(cos), _heads_view(sin)
+    return _rotate(dq_rot, cos, sin, True), _rotate(dk_rot, cos, sin, True)
 
-    def inv(dy):
-        acc = _acc(dy.dtype)
-        d32 = dy.to(acc)
-        return (d32 * c.to(acc) + rotate_half_t(d32 * s.to(acc))).to(dy.dtype)
 
-    return inv(dq_rot), inv(dk_rot)
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, transpose: bool) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin, or with ``transpose`` x * cos + rotate_half^T(x * sin).
+
+    Written on the halves of the last dim (no rotated copy of x, no negated half):
+        forward     [x1 c1 - x2 s1 | x2 c2 + x1 s2]
+        transposed  [x1 c1 + x2 s2 | x2 c2 - x1 s1]
+    Compute dtype; each half is a product and one multiply-add, rounded once to x.dtype at the end.
+    """
+    acc = _acc(x.dtype)
+    x32, c, s = x.to(acc), _heads_view(cos).to(acc), _heads_view(sin).to(acc)
+    h = x.shape[-1] // 2
+    x1, x2, c1, c2, s1, s2 = x32[..., :h], x32[..., h:], c[..., :h], c[..., h:], s[..., :h], s[..., h:]
+    if transpose:
+        s1, s2 = -s2, -s1                                  # [x1 c1 + x2 s2 | x2 c2 - x1 s1]
+    out = torch.cat(((x1 * c1).addcmul_(x2, s1, value=-1), (x2 * c2).addcmul_(x1, s2)), dim=-1)
+    return out.to(x.dtype)
 
 
 def rope_cos_sin_grad_ref(dq_rot, dk_rot, q, k, cos, sin):

@@ -8,17 +8,30 @@ each chunk's gradient (softmax - onehot) is turned into dHidden and dWeight righ
 The backward only scales the stored gradients by the incoming scalar. With a vocabulary of 32000 this
 removes three [B*S, V] fp32 buffers (logits, log-softmax, its gradient) and the log-softmax backward pass.
 
-Numerics: logits computed in the weight's dtype and upcast to fp32 (as F.linear then .float(); fp64 stays
-fp64); max, exp, sum and log in fp32; dWeight accumulated over chunks in fp32 and cast once to the weight's dtype;
-dHidden per chunk from the fp32 softmax gradient cast to the weight's dtype for the matmul.
-Ignored tokens (label == -100) contribute 0 to the loss and 0 to every gradient.
+Numerics: logits computed in the dtype F.linear would use (the weight's; under autocast the autocast dtype,
+fp64 excepted) and upcast to fp32 (fp64 stays fp64); log-softmax (max, exp, sum, log) in fp32 in one fused pass,
+softmax gradient = exp(log-softmax) - onehot in fp32. The gradient matmuls run with autocast off:
+dWeight = sum over chunks of grad^T @ hidden in fp32, cast once to the weight's dtype; dHidden per chunk =
+grad cast to the weight's dtype @ weight. Ignored tokens (label == -100) contribute 0 to the loss and 0 to
+every gradient. Rows are split into equal chunks of at most chunk_elems // V rows (at least one).
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from torch import nn
 
 IGNORE_INDEX = -100
+
+
+def _autocast_dtype(device_type: str):
+    """The autocast dtype active for this device type, or None (autocast off, or a device type such as
+    ``meta`` that autocast does not know)."""
+    try:
+        return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+    except RuntimeError:
+        return None
 
 
 class _LinearCE(torch.autograd.Function):
@@ -28,43 +41,61 @@ class _LinearCE(torch.autograd.Function):
         flat = labels.reshape(-1)
         n, v = h2.shape[0], weight.shape[0]
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        dh = torch.empty_like(h2) if need_h else None
         acc = torch.promote_types(weight.dtype, torch.float32)     # fp32 (fp64 for fp64 weights)
-        dw = None              # created by the first chunk's matmul (no zero fill of a [V, H] buffer)
-        total = torch.zeros((), dtype=acc, device=hidden.device)
-        rows = max(1, min(n, chunk_elems // v))
-        # The logits matmul reads the weight as a contiguous [H, V] copy: with V in the thousands, MKL's sgemm on
-        # x @ W.t() (transposed B) ran 1.4x slower than on x @ W_T on this CPU (bench_kernels/model.py), and the
-        # copy costs one pass over the weight per step. One fp32 [rows, V] buffer, reused by every chunk, holds
-        # the log-softmax and then, in place, the softmax gradient.
-        w_t = weight.t().contiguous()
-        buf = torch.empty((rows, v), dtype=acc, device=hidden.device)
-        for r0 in range(0, n, rows):
-            r1 = min(n, r0 + rows)
-            x = h2[r0:r1]
-            lbl = flat[r0:r1]
-            valid = lbl != ignore_index
-            idx = lbl.masked_fill(~valid, 0).unsqueeze(1)
-            # one fused log-softmax pass (max, exp, sum, log in fp32) instead of separate amax/sub/exp/sum
-            z = torch.log_softmax((x @ w_t).to(acc), dim=-1, out=buf[:r1 - r0])
-            total -= (z.gather(1, idx).squeeze(1) * valid).sum()
-            if need_h or need_w:
+        dev = hidden.device
+        amp = _autocast_dtype(dev.type)
+        # The logits matmul runs in the dtype F.linear would use: autocast's (which leaves fp64 alone) or the
+        # weight's. Everything below runs with autocast off and states its dtypes (gradient matmuls as
+        # documented above; out= is not allowed under autocast).
+        mm = amp if amp is not None and weight.dtype != torch.float64 else weight.dtype
+        with torch.autocast(dev.type, enabled=False) if amp is not None else contextlib.nullcontext():
+            dh = torch.empty_like(h2) if need_h else None
+            dw = None          # created by the first chunk's matmul (no zero fill of a [V, H] buffer)
+            total = torch.zeros((), dtype=acc, device=dev)
+            rows = max(1, min(n, chunk_elems // v))
+            rows = -(-n // -(-n // rows)) if n else 1      # equal chunks: 1024 rows -> 4 x 256, not 3 x 262 + 238
+            # One [rows, V] buffer in the compute dtype, reused by every chunk, receives the logits (written by
+            # the matmul itself when no cast is needed), then in place the log-softmax and the softmax gradient:
+            # no fresh V-wide allocation per chunk. The logits matmul reads a contiguous [H, V] copy of the
+            # weight (one pass per step, cast included under autocast): in the full model step on our CPU VM it
+            # beat MKL's transposed-B sgemm on x @ W.t() by a few percent (bench_kernels/model.py, issue 4).
+            w_t = weight.t().to(dtype=mm, memory_format=torch.contiguous_format)
+            buf = torch.empty((rows, v), dtype=acc, device=dev)
+            direct = mm == acc and hidden.dtype == acc and weight.dtype == acc
+            for r0 in range(0, n, rows):
+                r1 = min(n, r0 + rows)
+                x = h2[r0:r1]
+                lbl = flat[r0:r1]
+                valid = lbl != ignore_index
+                idx = lbl.masked_fill(~valid, 0).unsqueeze(1)
+                z = buf[:r1 - r0]
+                if direct:
+                    torch.mm(x, w_t, out=z)
+                else:
+                    z.copy_(x.to(mm) @ w_t)                               # upcast to the compute dtype
+                # one fused log-softmax pass (max, exp, sum, log in fp32), in place
+                torch.log_softmax(z, dim=-1, out=z)
+                total -= (z.gather(1, idx).squeeze(1) * valid).sum()
+                if not (need_h or need_w):
+                    continue
                 z.exp_()                                                  # softmax
                 z.scatter_add_(1, idx, -valid.to(z.dtype).unsqueeze(1))   # - onehot(target)
                 # Ignored rows are zeroed on the [rows, H] side (x for dWeight, dHidden after the matmul), not
                 # on the [rows, V] gradient: a pass over H-wide rows instead of V-wide ones.
                 keep = valid.unsqueeze(1)
-                g = z.to(weight.dtype)
                 if need_h:
-                    dh[r0:r1] = (g @ weight) * keep
+                    if direct:
+                        torch.mm(z, weight, out=dh[r0:r1]).mul_(keep)
+                    else:
+                        dh[r0:r1] = (z.to(weight.dtype) @ weight) * keep
                 if need_w:
                     xk = x.to(acc) * keep
                     if dw is None:
                         dw = z.t() @ xk
                     else:
                         dw.addmm_(z.t(), xk)
-        if need_w and dw is None:                                   # no rows at all
-            dw = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+            if need_w and dw is None:                               # no rows at all
+                dw = torch.zeros(weight.shape, dtype=acc, device=weight.device)
         ctx.save_for_backward(dh if need_h else None, dw if need_w else None)
         ctx.shape, ctx.wdtype = hidden.shape, weight.dtype
         return total

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
 
 import kernels.sim.trace
 from kernels import ops
@@ -75,6 +76,85 @@ def test_linear_cross_entropy_against_unfused(chunk_elems, dtype):
         assert ((dh.double() - rh).abs().max() / rh.abs().max()).item() <= tol
         assert ((dw.double() - rw).abs().max() / rw.abs().max()).item() <= tol
         assert dh[1, 2:5].abs().max() == 0
+
+
+def _lce_reference64(h, w, labels, reduction):
+    """Loss and both gradients in float64 through F.linear + F.cross_entropy (independent of llama/loss.py)."""
+    h64, w64 = h.detach().double().requires_grad_(True), w.detach().double().requires_grad_(True)
+    ref = F.cross_entropy(F.linear(h64, w64).view(-1, w.shape[0]), labels.view(-1), reduction=reduction)
+    return (ref, *torch.autograd.grad(ref, (h64, w64)))
+
+
+def _rel(a, b):
+    return ((a.double() - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+@settings(max_examples=12)
+@given(rows=st.integers(1, 40), v=st.integers(2, 90), hdim=st.integers(1, 24), chunk_rows=st.integers(1, 45),
+       ignored=st.floats(0.0, 0.9), seed=st.integers(0, 2**16))
+def test_linear_cross_entropy_chunking_hypothesis(rows, v, hdim, chunk_rows, ignored, seed):
+    """Any row count, vocabulary, hidden size and chunk size (uneven last chunk included) and any share of
+    ignored rows: fp32 loss and gradients within 1e-5 (relative to each tensor's max) of float64."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(1, rows, hdim, generator=g, requires_grad=True)
+    w = torch.randn(v, hdim, generator=g, requires_grad=True)
+    labels = torch.randint(0, v, (1, rows), generator=g)
+    labels[torch.rand(1, rows, generator=g) < ignored] = -100
+    labels[0, 0] = 0                                     # at least one valid row: the mean is defined
+    loss = LinearCrossEntropy(chunk_rows * v)(h, w, labels, "mean")
+    dh, dw = torch.autograd.grad(loss, (h, w))
+    ref, rh, rw = _lce_reference64(h, w, labels, "mean")
+    assert abs(loss.item() - ref.item()) <= 1e-5 * max(1.0, abs(ref.item()))
+    assert _rel(dh, rh) <= 1e-5 and _rel(dw, rw) <= 1e-5
+    assert dh[labels == -100].abs().max().item() == 0 if (labels == -100).any() else True
+
+
+def test_linear_cross_entropy_all_rows_ignored():
+    h = torch.randn(2, 3, 8, requires_grad=True)
+    w = torch.randn(20, 8, requires_grad=True)
+    labels = torch.full((2, 3), -100)
+    loss = LinearCrossEntropy(40)(h, w, labels, "sum")
+    loss.backward()
+    assert loss.item() == 0 and h.grad.abs().max() == 0 and w.grad.abs().max() == 0
+
+
+@pytest.mark.parametrize("chunk_elems", [1 << 23, 300])             # one chunk, several
+def test_linear_cross_entropy_under_autocast(chunk_elems):
+    """Under bf16 autocast (the trainer's mixed precision) the logits are bf16 as F.linear's would be, the loss
+    equals F.linear + F.cross_entropy under the same autocast, and the gradients (fp32 weights -> fp32) are the
+    float64 gradients up to the bf16 rounding of the logits; several chunks once crashed (bf16 dW accumulator)."""
+    g = torch.Generator().manual_seed(5)
+    h = torch.randn(3, 7, 32, generator=g, requires_grad=True)
+    w = (torch.randn(50, 32, generator=g) * 0.3).requires_grad_(True)
+    labels = torch.randint(0, 50, (3, 7), generator=g)
+    labels[2, :3] = -100
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = LinearCrossEntropy(chunk_elems)(h, w, labels)
+        same = F.cross_entropy(F.linear(h, w).float().view(-1, 50), labels.view(-1))
+    dh, dw = torch.autograd.grad(loss, (h, w))
+    ref, rh, rw = _lce_reference64(h, w, labels, "mean")
+    assert loss.dtype == torch.float32 and math.isclose(loss.item(), same.item(), rel_tol=1e-6)
+    assert dh.dtype == dw.dtype == torch.float32
+    assert _rel(dh, rh) <= 2e-2 and _rel(dw, rw) <= 2e-2
+    assert dh[2, :3].abs().max() == 0
+
+
+@pytest.mark.parametrize("chunk_elems", [1 << 23, 300])
+def test_linear_cross_entropy_bf16_weights(chunk_elems):
+    """bf16 hidden and weight: bf16 logits upcast to fp32 (loss = F.linear(...).float() + cross-entropy),
+    gradients returned in bf16, within bf16 rounding of float64."""
+    g = torch.Generator().manual_seed(6)
+    h = torch.randn(2, 9, 32, generator=g).bfloat16().requires_grad_(True)
+    w = (torch.randn(60, 32, generator=g) * 0.3).bfloat16().requires_grad_(True)
+    labels = torch.randint(0, 60, (2, 9), generator=g)
+    labels[0, 4:] = -100
+    loss = LinearCrossEntropy(chunk_elems)(h, w, labels)
+    dh, dw = torch.autograd.grad(loss, (h, w))
+    same = F.cross_entropy(F.linear(h, w).float().view(-1, 60), labels.view(-1))
+    ref, rh, rw = _lce_reference64(h, w, labels, "mean")
+    assert math.isclose(loss.item(), same.item(), rel_tol=1e-6)
+    assert dh.dtype == dw.dtype == torch.bfloat16
+    assert _rel(dh, rh) <= 2e-2 and _rel(dw, rw) <= 2e-2
 
 
 def test_rotary_tables_hf_formula():
