@@ -8,7 +8,9 @@ Each step is loss = model(input_ids, labels); loss.backward(); grads set to None
 
 Method. Speed: all models live in one process and their steps are interleaved (ours, hf-eager, hf-sdpa,
 ours, ...), so a shared, fluctuating machine slows them alike; tokens/s = batch * seq / median step time
-over --iters steps after 2 warm-up steps. Memory: each model runs alone in a fresh subprocess; peak step
+over --iters steps after 2 warm-up steps. The speed ratio is paired: the median over rounds of (their step
+time / our step time) within the same round, which cancels load that lasts longer than one round; the ratio of
+the two medians is printed beside it. Memory: each model runs alone in a fresh subprocess; peak step
 memory = the subprocess's peak resident set size (VmHWM) minus its resident set size just
 before the first step (model and batch already built): the extra memory the training step needs.
 """
@@ -130,7 +132,10 @@ def main(argv=None):
         print(f"{impl:10s} {r['tokens_per_s']:8.0f} tok/s  step {r['step_s'] * 1e3:8.1f} ms  "
               f"peak step memory {r['peak_step_mib']:7.1f} MiB  (peak RSS {r['peak_rss_mib']:.0f} MiB)")
     for impl in IMPLS[1:]:
-        print(f"ours vs {impl}: {rows['ours']['tokens_per_s'] / rows[impl]['tokens_per_s']:.2f}x tokens/s, "
+        paired = statistics.median(t / o for t, o in zip(times[impl], times["ours"]))
+        spread = sorted(t / o for t, o in zip(times[impl], times["ours"]))
+        print(f"ours vs {impl}: {paired:.2f}x tokens/s (paired median; rounds {spread[0]:.2f}-{spread[-1]:.2f}x; "
+              f"ratio of medians {rows['ours']['tokens_per_s'] / rows[impl]['tokens_per_s']:.2f}x), "
               f"{rows['ours']['peak_step_mib'] / rows[impl]['peak_step_mib']:.2f}x peak step memory")
 
 
