@@ -21,15 +21,21 @@ from kernel_helpers import DTYPES, assert_close_2x, randn
 HEADS = [(1, 1), (4, 2), (4, 1), (8, 2)]
 
 
-def torch_attention(q, k, v, do, causal, scale):
-    """(o, lse, dq, dk, dv) by plain PyTorch ops and autograd, all in q's dtype."""
-    qr, kr, vr = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+def scaled_scores(q, k, v, causal, scale):
+    """(group, K and V repeated to the query heads, scaled scores with -inf above the diagonal when causal)."""
     group = q.shape[1] // k.shape[1]
-    kk, vv = kr.repeat_interleave(group, dim=1), vr.repeat_interleave(group, dim=1)
-    s = torch.matmul(qr, kk.transpose(-1, -2)) * scale
+    kk, vv = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    s = torch.matmul(q, kk.transpose(-1, -2)) * scale
     if causal:
         n = q.shape[2]
         s = s.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+    return group, kk, vv, s
+
+
+def torch_attention(q, k, v, do, causal, scale):
+    """(o, lse, dq, dk, dv) by plain PyTorch ops and autograd, all in q's dtype."""
+    qr, kr, vr = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+    _, kk, vv, s = scaled_scores(qr, kr, vr, causal, scale)
     o = torch.matmul(torch.softmax(s, dim=-1), vv)
     lse = torch.logsumexp(s, dim=-1)
     o.backward(do)
@@ -40,12 +46,7 @@ def term_scales(q, k, v, do, causal, scale):
     """Magnitude of the terms each output combines (float64), for the fp32 floor of kernel_helpers: an fp32 sum
     cannot be more accurate than a few ulps of sum |terms| (and dS = P * (dP - Dlt) cancels before the sums)."""
     q, k, v, do = (t.double() for t in (q, k, v, do))
-    group = q.shape[1] // k.shape[1]
-    kk, vv = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    s = torch.matmul(q, kk.transpose(-1, -2)) * scale
-    if causal:
-        n = q.shape[2]
-        s = s.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+    group, kk, vv, s = scaled_scores(q, k, v, causal, scale)
     p = torch.softmax(s, dim=-1)
     o = torch.matmul(p, vv)
     dp = torch.matmul(do, vv.transpose(-1, -2))
