@@ -7,9 +7,11 @@ deterministic). Tokenizer: ``--tokenizer`` (e.g. Llama 2's tokenizer.model) or t
 (``llama.data.DEFAULT_VOCAB_SIZE`` pieces, trained into a temporary folder). MB/s = UTF-8 bytes of document text
 per second of wall time (the JSONL file is slightly larger: quoting). Rows:
 - direct loop: ``sp.EncodeAsIds(text)`` per document in a Python loop over the already parsed texts (baseline);
+- array encoder: what the workers call to tokenize (``llama.data.prepare.array_encoder``: one
+  ``sp.EncodeAsNumpy(texts, num_threads=1)`` where sentencepiece has it), for information;
 - direct batch: ``sp.Encode(texts, num_threads=k)`` (for information);
-- worker function: what one worker does per chunk (UTF-8 check, JSON parse, batch encode, flatten), chunks
-  already in memory: the per-worker overhead without file I/O;
+- worker function: what one worker does per chunk (read its byte range from the page cache, UTF-8 check, JSON
+  parse, encode, join into the output dtype), in this process: the per-worker cost without the pool;
 - prepare(): the in-process function the CLI runs (read, UTF-8 check, JSON parse, encode, write .bin/.idx);
 - CLI: ``python -m llama.data`` end to end, interpreter start-up and imports included.
 Two rates per row: wall (MB per wall second) and CPU (MB per CPU second of this process and its worker
@@ -31,7 +33,7 @@ import sentencepiece as spm
 
 from llama.data import prepare, prepare_default_data
 from llama.data.default_corpus import stdlib_files
-from llama.data.prepare import _init_worker, _process_chunk, iter_chunks
+from llama.data.prepare import _init_worker, _process_chunk, array_encoder, iter_spans
 from llama.data.sft import DEFAULT_PROMPT_TEMPLATE
 
 TARGET = 0.9
@@ -80,18 +82,19 @@ def main(argv=None):
                 sp.EncodeAsIds(t)
 
         init_args = (tok, "text", "text", DEFAULT_PROMPT_TEMPLATE, True)
-        chunks = list(iter_chunks(jsonl))
+        chunks = list(iter_spans(jsonl))
+        encode_arrays = array_encoder(sp)
 
         def worker_fn():
             _init_worker(*init_args)
             for c in chunks:
                 _process_chunk(c)
 
-        measures = [("direct loop (baseline)", 1, loop)]
+        measures = [("direct loop (baseline)", 1, loop), ("array encoder", 1, lambda: encode_arrays(texts))]
         for k in (1, 2):
             measures.append((f"direct batch num_threads={k}", k,
                              lambda k=k: sp.Encode(texts, out_type=int, num_threads=k)))
-        measures.append(("worker function, in memory", 1, worker_fn))
+        measures.append(("worker function", 1, worker_fn))
         for w in (1, 2):
             measures.append(("prepare()", w, lambda w=w: prepare(jsonl, os.path.join(tmp, f"p{w}"), tok, workers=w)))
         for w in (1, 2):
@@ -110,7 +113,7 @@ def main(argv=None):
                                args.repeat)
     print(f"corpus: {len(texts)} documents, {mb:.1f} MB of text; tokenizer {os.path.basename(tok)} "
           f"(vocab {sp.GetPieceSize()}); {os.cpu_count()} CPUs; best of {args.repeat} interleaved rounds; "
-          f"CLI start-up (python -c 'import llama.data', torch included) {startup:.2f} s")
+          f"CLI start-up (python -c 'import llama.data') {startup:.2f} s")
     direct_wall, direct_cpu = rows[0][2], rows[0][3]
     print(f"{'path':28s} {'workers':>7s} {'wall MB/s':>10s} {'/worker':>8s} {'vs direct':>9s} "
           f"{'CPU MB/s':>9s} {'vs direct':>9s}")

@@ -5,11 +5,25 @@
     logits = model(input_ids)                        # [B, S, V]
     loss = model(input_ids, labels=labels)           # labels already shifted, -100 ignored
 """
-from llama import parallel
-from llama.config import ConfigError, LlamaConfig
-from llama.hf import CheckpointError, from_hf, to_hf
-from llama.model import IGNORE_INDEX, Llama
-from llama.parallel import ParallelError
+import importlib
+
+# Lazy (PEP 562): `python -m llama.data` must not pay torch's import time; names load on first access.
+_LAZY = {"parallel": None, "ConfigError": "llama.config", "LlamaConfig": "llama.config",
+         "CheckpointError": "llama.hf", "from_hf": "llama.hf", "to_hf": "llama.hf",
+         "IGNORE_INDEX": "llama.model", "Llama": "llama.model", "ParallelError": "llama.parallel"}
+
+
+def __getattr__(name):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'llama' has no attribute {name!r}")
+    module = _LAZY[name]
+    value = importlib.import_module("llama.parallel") if module is None else getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
 
 __all__ = ["CheckpointError", "ConfigError", "IGNORE_INDEX", "Llama", "LlamaConfig", "ParallelError", "from_hf",
            "parallel", "to_hf"]

@@ -12,6 +12,7 @@ import pytest
 from llama.data import (DataError, IndexedDataset, Tokenizer, check_vocab, format_qnli, prepare, qnli_records,
                         train_tokenizer)
 from llama.data.prepare import main
+from llama.data.sft import DEFAULT_PROMPT_TEMPLATE, prompt_and_answer, split_template
 
 WORDS = ["alpha", "beta", "Gamma", "δέλτα", "12345", "x = y + 1", "    indent", "\ttab", "日本語", "émigré", "🙂",
          "def f(a, b):", "return", "#", "\"quoted\""]
@@ -198,3 +199,100 @@ def test_bad_template_and_tokenizer(tmp_path, tok_path):
         train_tokenizer(["abc"], 100, str(tmp_path / "t"))
     with pytest.raises(DataError, match="empty corpus"):
         train_tokenizer(["", "  \n"], 300, str(tmp_path / "t"))
+
+
+def test_cli_path_does_not_import_torch():
+    # `python -m llama.data` start-up time: preparation, tokenizer and indexed files must not pull in torch.
+    import subprocess
+    import sys as _sys
+    code = ("import sys, llama.data.prepare, llama.data.tokenizer, llama.data.indexed, llama.data; "
+            "from llama.data import prepare; assert callable(prepare); "
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
+    out = subprocess.run([_sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out
+
+
+# ------------------------------------------------------------------------------------ chunks and workers
+def test_spans_cover_the_file_in_whole_lines(tmp_path):
+    from llama.data.prepare import iter_spans
+    r = random.Random(5)
+    lines = [b"x" * r.choice([0, 1, 7, 40, 130]) for _ in range(300)] + [b"y" * 500]     # one line > a block
+    for last in (b"", b"\n"):                                       # with and without a final newline
+        content = b"\n".join(lines) + last
+        p = tmp_path / "f.jsonl"
+        p.write_bytes(content)
+        spans = list(iter_spans(str(p), chunk_bytes=64))
+        assert len(spans) > 20
+        assert b"".join(content[o:o + n] for _, o, n, _ in spans) == content
+        for _, offset, length, lineno in spans:
+            assert lineno == 1 + content.count(b"\n", 0, offset)     # line numbers from the bytes themselves
+            assert offset == 0 or content[offset - 1:offset] == b"\n"
+            assert length > 0
+
+
+@pytest.mark.parametrize("mode", ["text", "sft"])
+def test_many_small_chunks_same_bytes_for_1_2_3_workers(tok_path, tmp_path, mode):
+    texts = make_texts(600, seed=7)
+    texts[10] = texts[300] = ""
+    if mode == "text":
+        recs = [{"text": t} for t in texts]
+    else:
+        recs = [{"input": t[:20], "output": t[20:]} for t in texts]
+    content = "".join(json.dumps(x, ensure_ascii=False) + ("\n\n" if i % 50 == 0 else "\n")
+                      for i, x in enumerate(recs))
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(content, encoding="utf-8")
+    exts = (".bin", ".idx") + ((".lossmask.bin", ".lossmask.idx") if mode == "sft" else ())
+    outs = []
+    for workers in (1, 2, 3):
+        prefix = str(tmp_path / f"w{workers}")
+        meta = prepare(str(inp), prefix, tok_path, mode=mode, workers=workers, chunk_bytes=1500)
+        outs.append([open(prefix + e, "rb").read() for e in exts])
+    assert outs[0] == outs[1] == outs[2]
+    assert len(content.encode()) // 1500 >= 40                      # many chunks, cut inside documents' lines
+    # Against sentencepiece called per document: nothing lost or doubled at chunk boundaries.
+    tok, ds = Tokenizer(tok_path), IndexedDataset(str(tmp_path / "w3"))
+    if mode == "text":
+        kept = [t for t in texts if t]
+        assert len(ds) == len(kept) == meta["documents"] and meta["empty_documents_skipped"] == 2
+        for i, t in enumerate(kept):
+            assert ds[i].tolist() == tok.encode(t, eos=True)
+    else:
+        mask, parts = IndexedDataset(str(tmp_path / "w3.lossmask")), split_template(DEFAULT_PROMPT_TEMPLATE)
+        assert len(ds) == len(recs) == meta["documents"]
+        for i, rec in enumerate(recs):
+            prompt, answer = prompt_and_answer(rec, parts, "rec")
+            prompt, answer = tok.encode(prompt), tok.encode(answer, eos=True)
+            assert ds[i].tolist() == prompt + answer
+            assert mask[i].tolist() == [0] * len(prompt) + [1] * len(answer)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (b'{"text": oops}', r"bad\.jsonl:2401: invalid JSON \(Expecting value at column 10\)"),
+    (b'{"text": "caf\xe9 au lait"}', r"bad\.jsonl:2401: not valid UTF-8 \(byte 13: b'\\xe9'\)"),
+    (b'{"txt": "a"}', r"bad\.jsonl:2401: missing field 'text'"),
+    (b'"just a string"', r"bad\.jsonl:2401: expected a JSON object, got str"),
+])
+def test_bad_line_deep_in_a_later_chunk_names_its_line(tmp_path, tok_path, bad, match):
+    # Blank lines and multi-byte characters before the bad line: line numbers are counted, not inferred.
+    good = [b'{"text": "line %d \xc3\xa9\xe6\x97\xa5"}' % i if i % 7 else b"" for i in range(1, 2401)]
+    content = b"\n".join(good + [bad] + [b'{"text": "after"}'] * 50) + b"\n"
+    for workers in (1, 2):
+        _bad(tmp_path, tok_path, content, match, workers=workers, chunk_bytes=700)
+
+
+def test_sentencepiece_without_numpy_output(tok_path, tmp_path, monkeypatch):
+    # Older sentencepiece bindings have no EncodeAsNumpy: the ids-list path must write the same bytes.
+    prep_module = sys.modules["llama.data.prepare"]           # (llama.data.prepare is also the function's name)
+
+    class IdsOnly:
+        def __init__(self, sp):
+            self.EncodeAsIds = sp.EncodeAsIds
+
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in make_texts(300, seed=8)])
+    prepare(inp, str(tmp_path / "a"), tok_path, chunk_bytes=4000)
+    real = prep_module.array_encoder
+    monkeypatch.setattr(prep_module, "array_encoder", lambda sp: real(IdsOnly(sp)))
+    prepare(inp, str(tmp_path / "b"), tok_path, chunk_bytes=4000)
+    for ext in (".bin", ".idx"):
+        assert open(str(tmp_path / "a") + ext, "rb").read() == open(str(tmp_path / "b") + ext, "rb").read()

@@ -1,9 +1,12 @@
 """JSONL -> Megatron ``PREFIX.bin``/``PREFIX.idx`` (``python -m llama.data``), with worker processes.
 
-Input lines are read as bytes in chunks; each chunk is decoded (strict UTF-8), parsed and tokenized by a worker
-(sentencepiece's batch encode, one thread per worker) and the results are written in input order, so the output
-is byte-identical whatever ``--workers``. One end-of-document token (Llama's eos, id 2) follows every document
-(Megatron's ``--append-eod``); no BOS is added. Blank lines are skipped. Empty texts are skipped and counted.
+The main process cuts each input into chunks of whole lines (byte offset, length and first line number, found by
+reading blocks and counting newlines) and hands these descriptors to the workers; a worker reads its byte range,
+decodes it (strict UTF-8), parses the JSON lines, tokenizes them (one sentencepiece thread per worker) and returns
+the chunk's tokens as arrays already in the output dtype. Results are written in input order, so the output is
+byte-identical whatever ``--workers``; errors name the file and line. One end-of-document token (Llama's eos,
+id 2) follows every document (Megatron's ``--append-eod``); no BOS is added. Blank lines are skipped. Empty texts
+are skipped and counted.
 
 Modes: ``text`` (the ``--json-key`` field), ``sft`` (``input``/``output`` with ``--prompt-template``; also writes
 ``PREFIX.lossmask.bin/.idx``, uint8, 1 on answer tokens) and ``qnli`` (``question``/``sentence``/``label``
@@ -17,30 +20,28 @@ import argparse
 import collections
 import itertools
 import json
-import multiprocessing
 import os
 import sys
 
 import numpy as np
 
 from llama.data.errors import DataError
-from llama.data.indexed import IndexedDatasetWriter, split_prefix
+from llama.data.indexed import IndexedDatasetWriter, split_prefix, token_dtype
 from llama.data.sft import DEFAULT_PROMPT_TEMPLATE, format_qnli, prompt_and_answer, split_template
 from llama.data.tokenizer import Tokenizer, sha256_file, train_tokenizer, write_json_atomic
 
-CHUNK_LINES = 512
+# Bytes of input per chunk (a chunk is whole lines: at least one line, so a longer line makes a longer chunk).
+# Small enough that a few MB keep two workers busy and that 2 * workers chunks in flight stay small; the cost per
+# chunk (a descriptor out, a few arrays back) is a fraction of a millisecond against ~0.25 s of tokenizing per MiB.
 CHUNK_BYTES = 1 << 20
 MODES = ("text", "sft", "qnli")
 
 
 # ---------------------------------------------------------------------------------------------- reading
-def _decode_line(raw: bytes, path: str, lineno: int):
+def _parse_line(line: str, path: str, lineno: int):
     """The JSON object on one line, or None for a blank line; DataError naming file:line otherwise."""
-    try:
-        line = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}:{lineno}: not valid UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r})") from None
-    if not line.strip():
+    # isspace() is strip()'s whitespace test without building a stripped copy of a long line.
+    if not line or line.isspace():
         return None
     try:
         obj = json.loads(line)
@@ -60,29 +61,86 @@ def _text_field(obj: dict, key: str, where: str) -> str:
     return value
 
 
-def iter_chunks(path: str, chunk_lines: int = CHUNK_LINES, chunk_bytes: int = CHUNK_BYTES):
-    """(path, first line number, [raw lines], bytes) chunks of a file."""
+def iter_spans(path: str, chunk_bytes: int = CHUNK_BYTES):
+    """Chunks of whole lines of a file as ``(path, byte offset, byte length, first line number)``.
+
+    The file is read in ``chunk_bytes`` blocks, cut after the last newline of each block, and its newlines counted
+    (``bytes.count``): about a millisecond per MB, the only work the main process does on the input. Workers read
+    their own byte range (``read_span``)."""
+    if chunk_bytes < 1:
+        raise ValueError(f"iter_spans: chunk_bytes must be >= 1, got {chunk_bytes}")
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such input file")
+    block = bytearray(chunk_bytes)              # reused: no fresh buffer (and its page faults) per block
+    with open(path, "rb", buffering=0) as f:
+        start, lineno, pending = 0, 1, 0        # pending: bytes read after `start`, none of them a newline
+        while True:
+            n = f.readinto(block)
+            if not n:
+                break
+            cut = block.rfind(b"\n", 0, n) + 1
+            if cut == 0:                        # inside a line longer than a block: the chunk grows
+                pending += n
+                continue
+            yield path, start, pending + cut, lineno
+            start += pending + cut
+            lineno += block.count(b"\n", 0, cut)
+            pending = n - cut
+        if pending:                             # a last line without a newline
+            yield path, start, pending, lineno
+
+
+def read_span(span) -> list[str]:
+    """The lines (without their newline) of one ``iter_spans`` chunk; DataError naming file:line for bytes that are
+    not UTF-8. The chunk is decoded at once (one call instead of one per line); a newline byte is never part of
+    another UTF-8 character, so splitting the text at "\\n" gives the lines the bytes have."""
+    path, offset, length, lineno = span
     with open(path, "rb") as f:
-        start, lines, size = 1, [], 0
-        for lineno, raw in enumerate(f, 1):
-            lines.append(raw)
-            size += len(raw)
-            if len(lines) >= chunk_lines or size >= chunk_bytes:
-                yield path, start, lines, size
-                start, lines, size = lineno + 1, [], 0
-        if lines:
-            yield path, start, lines, size
+        f.seek(offset)
+        data = f.read(length)
+    if len(data) != length:
+        raise DataError(f"{path}: changed while being read ({len(data)} bytes at offset {offset}, expected {length})")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        # Lines start after a newline, a character boundary: the first bad byte of the chunk is the first bad byte
+        # of its line, at the same place as when that line is decoded alone.
+        begin, bad = data.rfind(b"\n", 0, e.start) + 1, lineno + data.count(b"\n", 0, e.start)
+        where = f"{path}:{bad}: not valid UTF-8"
+        raise DataError(f"{where} (byte {e.start - begin}: {data[e.start:e.start + 1]!r})") from None
+    lines = text.split("\n")
+    if lines[-1] == "":                         # after the last newline: not a line
+        lines.pop()
+    return lines
+
+
+_DECODER = json.JSONDecoder()      # json.loads' own settings
+
+
+def chunk_objects(span):
+    """``(JSON object, line number)`` of the non-blank lines of one chunk, checked (file:line errors)."""
+    path, _, _, lineno = span
+    decode, out = _DECODER.raw_decode, []
+    for i, line in enumerate(read_span(span), lineno):
+        # raw_decode skips json.loads' wrapper (whitespace matching; 0.56x its time on 20k QNLI lines); a line it
+        # does not take whole as one object (blank, surrounding whitespace, an error) goes through json.loads.
+        try:
+            obj, end = decode(line)
+        except ValueError:
+            obj, end = None, -1
+        if end != len(line) or type(obj) is not dict:
+            obj = _parse_line(line, path, i)
+            if obj is None:
+                continue
+        out.append((obj, i))
+    return out
 
 
 def iter_jsonl_texts(path: str, json_key: str = "text"):
     """The ``json_key`` texts of a JSONL file, checked as the preparation checks them."""
-    for path, start, lines, _ in iter_chunks(path):
-        for i, raw in enumerate(lines):
-            obj = _decode_line(raw, path, start + i)
-            if obj is not None:
-                yield _text_field(obj, json_key, f"{path}:{start + i}")
+    for span in iter_spans(path):
+        for obj, i in chunk_objects(span):
+            yield _text_field(obj, json_key, f"{path}:{i}")
 
 
 def iter_text_file(path: str):
@@ -98,12 +156,9 @@ def iter_training_texts(paths, mode: str, json_key: str, prompt_template: str):
     """Texts to train a tokenizer on: the documents as they will be tokenized."""
     parts = split_template(prompt_template) if mode != "text" else None
     for path in paths:
-        for p, start, lines, _ in iter_chunks(path):
-            for i, raw in enumerate(lines):
-                where = f"{p}:{start + i}"
-                obj = _decode_line(raw, p, start + i)
-                if obj is None:
-                    continue
+        for span in iter_spans(path):
+            for obj, i in chunk_objects(span):
+                where = f"{path}:{i}"
                 if mode == "text":
                     yield _text_field(obj, json_key, where)
                 else:
@@ -117,50 +172,80 @@ def iter_training_texts(paths, mode: str, json_key: str, prompt_template: str):
 _WORKER: dict = {}
 
 
+def array_encoder(sp):
+    """``texts -> [int32 array of ids per text]`` for a SentencePieceProcessor.
+
+    Sentencepiece's pybind11 binding (0.2.3 here) returns numpy arrays itself (``return_type="numpy"``): no Python
+    int per token, and one ``np.concatenate`` flattens a chunk. One batch call with ``num_threads=1`` (the workers
+    are the parallelism) also saves the per-call wrapper cost: best of 3, it took 0.91x the CPU time of an
+    ``EncodeAsIds`` loop on the stdlib corpus of bench_kernels/data.py and 0.83x on 20k short QNLI prompts (an
+    ``EncodeAsNumpy`` loop: 0.93x and 1.06x). Older bindings: an ``EncodeAsIds`` loop, each list converted."""
+    if hasattr(sp, "EncodeAsNumpy"):
+        encode = sp.EncodeAsNumpy
+        return lambda texts: encode(list(texts), num_threads=1)
+    encode = sp.EncodeAsIds
+    return lambda texts: [np.array(encode(t), dtype=np.int32) for t in texts]
+
+
 def _init_worker(tokenizer_path: str, mode: str, json_key: str, prompt_template: str, append_eod: bool):
     tok = Tokenizer(tokenizer_path)
-    _WORKER.update(tok=tok, mode=mode, json_key=json_key, append_eod=append_eod,
+    dtype = token_dtype(tok.vocab_size)
+    _WORKER.update(encode=array_encoder(tok.sp), dtype=dtype, mode=mode, json_key=json_key,
+                   tail=np.array([tok.eod_id], dtype) if append_eod else None,
                    parts=split_template(prompt_template) if mode != "text" else None)
 
 
-def _flatten(lists, dtype=np.int64) -> np.ndarray:
-    total = sum(map(len, lists))
-    return np.fromiter(itertools.chain.from_iterable(lists), dtype=dtype, count=total)
+def _lengths(arrays) -> np.ndarray:
+    return np.fromiter(map(len, arrays), dtype=np.int64, count=len(arrays))
 
 
-def _process_chunk(chunk):
-    """One chunk -> (flat tokens, lengths, flat mask or None, empty-document count, bytes)."""
-    path, start, lines, size = chunk
+def _concatenate(arrays, dtype) -> np.ndarray:
+    # "unsafe" int32 -> uint16 cast: token_dtype picks uint16 only for vocabularies below 65500 ids, and every id
+    # sentencepiece returns is below its vocabulary size.
+    return np.concatenate(arrays, dtype=dtype, casting="unsafe") if arrays else np.zeros(0, dtype)
+
+
+def _process_chunk(span):
+    """One ``iter_spans`` chunk -> (tokens in the output dtype, lengths, mask or None, empty-document count, bytes).
+    Runs in a worker: reads its own byte range, so only the 4-tuple descriptor and compact arrays cross processes."""
+    path, _, size, _ = span
     w = _WORKER
-    tok, eod = w["tok"], (w["tok"].eod_id if w["append_eod"] else None)
-    tail = [eod] if eod is not None else []
-    objs = []
-    for i, raw in enumerate(lines):
-        obj = _decode_line(raw, path, start + i)
-        if obj is not None:
-            objs.append((obj, f"{path}:{start + i}"))
+    encode, dtype, tail = w["encode"], w["dtype"], w["tail"]
+    objs = chunk_objects(span)
     if w["mode"] == "text":
-        texts = [_text_field(o, w["json_key"], where) for o, where in objs]
-        texts = [t for t in texts if t]
-        empty = len(objs) - len(texts)
-        ids = tok.encode_batch(texts)
-        if tail:
-            for x in ids:
-                x.append(eod)
-        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-        return _flatten(ids), lengths, None, empty, size
+        key, texts = w["json_key"], []
+        for obj, i in objs:
+            value = obj.get(key)
+            if type(value) is not str:
+                _text_field(obj, key, f"{path}:{i}")            # raises the precise error
+            if value:
+                texts.append(value)
+        ids = encode(texts)
+        lengths = _lengths(ids)
+        if tail is not None:
+            ids = [a for x in ids for a in (x, tail)]
+            lengths += 1
+        return _concatenate(ids, dtype), lengths, None, len(objs) - len(texts), size
     prompts, answers = [], []
-    for o, where in objs:
+    for obj, i in objs:
+        where = f"{path}:{i}"
         if w["mode"] == "qnli":
-            o = format_qnli(o, where)
-        p, a = prompt_and_answer(o, w["parts"], where)
+            obj = format_qnli(obj, where)
+        p, a = prompt_and_answer(obj, w["parts"], where)
         prompts.append(p)
         answers.append(a)
-    p_ids, a_ids = tok.encode_batch(prompts), tok.encode_batch(answers)
-    docs = [p + a + tail for p, a in zip(p_ids, a_ids)]
-    masks = [[0] * len(p) + [1] * (len(a) + len(tail)) for p, a in zip(p_ids, a_ids)]
-    lengths = np.fromiter(map(len, docs), dtype=np.int64, count=len(docs))
-    return _flatten(docs), lengths, _flatten(masks, np.uint8), 0, size
+    p_ids, a_ids = encode(prompts), encode(answers)
+    n = len(p_ids)
+    # counts: prompt, answer (+ eod) per document, interleaved; the mask is 0 over prompts, 1 over answers.
+    counts = np.empty(2 * n, np.int64)
+    counts[0::2], counts[1::2] = _lengths(p_ids), _lengths(a_ids)
+    if tail is not None:
+        counts[1::2] += 1
+        pieces = [a for p, x in zip(p_ids, a_ids) for a in (p, x, tail)]
+    else:
+        pieces = [a for p, x in zip(p_ids, a_ids) for a in (p, x)]
+    mask = np.repeat(np.tile(np.array([0, 1], np.uint8), n), counts)
+    return _concatenate(pieces, dtype), counts[0::2] + counts[1::2], mask, 0, size
 
 
 def _ordered_results(chunks, workers: int, initargs):
@@ -170,7 +255,10 @@ def _ordered_results(chunks, workers: int, initargs):
         for c in chunks:
             yield _process_chunk(c)
         return
-    # fork: the worker needs only this module and sentencepiece; spawn would re-import torch per worker.
+    import multiprocessing        # here: ~6 ms of the CLI's start-up that one worker does not need
+
+    # fork: a worker needs only this module and sentencepiece, already loaded; spawn would start fresh interpreters
+    # that re-import the caller's main module (torch, when called from a training script) in every worker.
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     ctx = multiprocessing.get_context(method)
     with ctx.Pool(workers, initializer=_init_worker, initargs=initargs) as pool:
@@ -186,9 +274,10 @@ def _ordered_results(chunks, workers: int, initargs):
 # ---------------------------------------------------------------------------------------------- driver
 def prepare(inputs, output_prefix: str, tokenizer: str, mode: str = "text", json_key: str = "text",
             prompt_template: str = DEFAULT_PROMPT_TEMPLATE, workers: int = 1, append_eod: bool = True,
-            progress: bool = False) -> dict:
+            progress: bool = False, chunk_bytes: int = CHUNK_BYTES) -> dict:
     """Tokenize JSONL ``inputs`` into ``output_prefix.{bin,idx}`` (+ ``.lossmask`` for sft/qnli); returns the
-    metadata also written to ``output_prefix.meta.json``."""
+    metadata also written to ``output_prefix.meta.json``. ``chunk_bytes``: input bytes per chunk of work (the
+    output does not depend on it)."""
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
     inputs = [os.fspath(p) for p in inputs]
@@ -210,7 +299,7 @@ def prepare(inputs, output_prefix: str, tokenizer: str, mode: str = "text", json
         bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=os.path.basename(prefix), file=sys.stderr)
     docs = tokens = empty = 0
     initargs = (tok.path, mode, json_key, prompt_template, append_eod)
-    chunks = itertools.chain.from_iterable(iter_chunks(p) for p in inputs)
+    chunks = itertools.chain.from_iterable(iter_spans(p, chunk_bytes) for p in inputs)
     try:
         for flat, lengths, mask, n_empty, size in _ordered_results(chunks, workers, initargs):
             writer.add_documents(flat, lengths)
