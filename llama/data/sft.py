@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import string
 
-import numpy as np
-
 from llama.data.errors import DataError
 
 DEFAULT_PROMPT_TEMPLATE = "{input}\n{output}"
@@ -63,11 +61,3 @@ def prompt_and_answer(record: dict, template_parts, where: str) -> tuple[str, st
             raise DataError(f"{where}: field {key!r} must be a string, got {type(record[key]).__name__}")
     return prompt_t.format_map({k: record[k] for k in needed}), record["output"] + suffix
 
-
-def sft_tokens(prompt_ids, answer_ids, eod_id: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """One record's tokens and mask (1 = a token that is a training target)."""
-    tail = [eod_id] if eod_id is not None else []
-    tokens = np.asarray(list(prompt_ids) + list(answer_ids) + tail, dtype=np.int64)
-    mask = np.zeros(tokens.size, np.uint8)
-    mask[len(prompt_ids):] = 1
-    return tokens, mask

@@ -63,12 +63,6 @@ class Tokenizer:
             ids = ids + [self.eos_id]
         return ids
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        """Many texts, one at a time: sentencepiece 0.2's batch ``Encode(list, num_threads=1)`` measured ~10% slower
-        than this loop (bench_kernels/data.py); worker processes give the parallelism."""
-        encode = self.sp.EncodeAsIds
-        return [encode(t) for t in texts]
-
     def decode(self, ids) -> str:
         return self.sp.DecodeIds([int(i) for i in ids])
 
