@@ -31,7 +31,7 @@ from training import checkpoint as ckpt
 from training.config import KERNELS, PRECISIONS, TrainConfigError, config_hash, load_config, parse_data_entry
 from training.metrics import MetricsLogger, peak_tflops
 from training.optim import (NanGuard, allreduce_grads, build_optimizer, build_scheduler, clip_grads_,
-                            global_grad_norm)
+                            global_grad_norm, global_param_norm)
 from training.precision import autocast_context, param_dtype, set_neuron_sr_env
 
 EXIT_BAD_INPUT, EXIT_NAN = 2, 3
@@ -307,9 +307,12 @@ def main(argv=None):
             step_times.append(dt)
             tps = tokens_per_step / dt
             mfu = flops_per_token * tps / (peak * 1e12 * world)
+            # on log steps only: one more pass over the weights (and a host sync on XLA)
+            param_norm = float(global_param_norm(params, tp_group if cfg.tp > 1 else None))
             if rank0:
                 logger.log(step, loss=last_loss, lr=scheduler.get_last_lr()[0], grad_norm=float(grad_norm),
-                           tokens_per_s=tps, mfu=mfu, step_time_s=dt, skipped=int(not ok),
+                           param_norm=param_norm, tokens_per_s=tps, sequences_per_s=tps / cfg.seq_len, mfu=mfu,
+                           step_time_s=dt, skipped=int(not ok),
                            skipped_total=guard.skipped, tokens=tokens_seen)
                 bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{tps:,.0f}", mfu=f"{100 * mfu:.2f}%")
         bar.update(1)

@@ -42,7 +42,7 @@ def test_default_config_runs_and_loss_falls(tmp_path):
     p = train("--max-steps", 12, "--out-dir", out, "--threads", "2")
     recs = metrics(out)
     assert [r["step"] for r in recs] == list(range(1, 13))
-    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu"):
+    for key in ("loss", "lr", "grad_norm", "param_norm", "tokens_per_s", "sequences_per_s", "mfu"):
         assert all(isinstance(r[key], float) for r in recs), key
     first = recs[0]["loss"]
     last = sum(r["loss"] for r in recs[-5:]) / 5
@@ -67,6 +67,13 @@ def test_outputs_and_checkpoints(small_run):
     assert [s for s, _ in ck] == [4, 8]
     meta = read_meta(ck[-1][1])
     assert meta["step"] == 8 and meta["precision"] == "fp32" and list(meta["files"]) == ["rank_tp0_dp0.pt"]
+    # param_norm of the last step = the L2 norm of the weights that step's checkpoint holds (float64 here)
+    import torch
+    weights = torch.load(os.path.join(ck[-1][1], "rank_tp0_dp0.pt"), weights_only=False)["model"]
+    norm = sum(w.double().pow(2).sum() for w in weights.values()).sqrt().item()
+    assert abs(recs[-1]["param_norm"] - norm) <= 1e-5 * norm, (recs[-1]["param_norm"], norm)
+    for r in recs:
+        assert r["sequences_per_s"] == pytest.approx(r["tokens_per_s"] / 32, rel=1e-12)
 
 
 def test_plot_command_draws_several_runs(small_run, tmp_path):

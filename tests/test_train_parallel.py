@@ -64,4 +64,7 @@ def test_tp2_replicated_weights_stay_bit_identical_under_bf16_sr(tmp_path):
         assert torch.equal(s0[k], s1[k]), k
         assert not torch.all(s0[k] == 1), f"{k} never moved"
     assert not torch.equal(s0["layers.0.self_attn.q_proj.weight"], s1["layers.0.self_attn.q_proj.weight"])
+    # the logged param_norm counts each logical weight once: replicated norm weights once, both ranks' shards
+    sq = sum(s0[k].double().pow(2).sum() + (0 if k in norms else s1[k].double().pow(2).sum()) for k in s0)
+    assert abs(history(out)[-1]["param_norm"] - sq.sqrt().item()) <= 1e-5 * sq.sqrt().item()
     assert history(out)[-1]["loss"] < history(out)[0]["loss"]

@@ -137,13 +137,22 @@ def global_grad_norm(params, tp_group=None) -> torch.Tensor:
     (``llama.parallel.tp_replicas``: tp for norm weights, 1 for shards) so each logical element counts once,
     then all-reduced over the TP group. No DP reduction: after the DP all-reduce every DP rank holds the same
     gradients."""
+    return _global_l2([(p, p.grad) for p in params if p.grad is not None], tp_group)
+
+
+def global_param_norm(params, tp_group=None) -> torch.Tensor:
+    """L2 norm of the whole (TP-sharded) model's parameters, in fp32, counted as ``global_grad_norm`` counts
+    gradients (DP ranks hold identical parameters)."""
+    return _global_l2([(p, p.detach()) for p in params], tp_group)
+
+
+def _global_l2(pairs, tp_group) -> torch.Tensor:
     from llama.parallel import tp_replicas
-    params = [p for p in params if p.grad is not None]
-    if not params:
+    if not pairs:
         return torch.zeros(())
-    total = torch.zeros((), dtype=torch.float32, device=params[0].grad.device)
-    for p in params:
-        total += p.grad.float().pow(2).sum() / tp_replicas(p)
+    total = torch.zeros((), dtype=torch.float32, device=pairs[0][1].device)
+    for p, t in pairs:
+        total += t.float().pow(2).sum() / tp_replicas(p)
     if tp_group is not None and dist.get_world_size(tp_group) > 1:
         dist.all_reduce(total, group=tp_group)
     return total.sqrt()
