@@ -151,7 +151,7 @@ def compile_model(model, device):
     """torch.compile the whole model in place (``nn.Module.compile``: parameter names and checkpoints unchanged).
 
     The fusions matter on CPU at small widths, where eager time is per-op dispatch and elementwise passes: on the
-    tiny config (2 threads) a step went from ~58 ms to ~40 ms (bench_kernels/trainer.py).
+    tiny config (2 threads, fp32) a step went from ~50 ms to ~34 ms (bench_kernels/trainer.py).
     """
     if device.type == "xla":
         fail("--compile: on XLA devices the step graph is already compiled by neuronx-cc; drop --compile")
@@ -199,7 +199,10 @@ def main(argv=None):
     from kernels import ops
     from llama import parallel
     if cfg.kernels:
-        ops.set_backend(cfg.kernels)
+        try:
+            ops.set_backend(cfg.kernels)
+        except RuntimeError as e:                   # nki without the Neuron SDK: say so before any output exists
+            fail(f"--kernels {cfg.kernels}: {e}")
     tp_group = dp_group = None
     if world > 1:
         tp_group, dp_group = parallel.make_groups(cfg.tp)

@@ -134,6 +134,15 @@ def test_bad_batch_sizes(capsys, tmp_path):
     assert not os.path.exists(tmp_path / "b")
 
 
+def test_nki_backend_without_the_neuron_sdk(capsys, tmp_path):
+    from kernels import nki_compat
+    if nki_compat.BACKEND == "nki":
+        pytest.skip("the real NKI package is installed here: backend nki is available")
+    err = _err(train_inproc(capsys, "--kernels", "nki", "--out-dir", tmp_path / "b", *SMALL))
+    assert "--kernels nki" in err and "needs the real NKI package" in err
+    assert not os.path.exists(tmp_path / "b")
+
+
 def test_bad_toml_key(capsys, tmp_path):
     cfg = tmp_path / "c.toml"
     cfg.write_text('preset = "tiny"\nlr = 1e-3\nlearning_rate = 3\n')
