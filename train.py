@@ -182,7 +182,7 @@ def main(argv=None):
     try:
         cfg = load_config(args.config, overrides)
         model_cfg = cfg.model_config()
-    except (TrainConfigError, ValueError) as e:
+    except (ValueError, OSError) as e:               # TrainConfigError, ConfigError, a missing --init-from-hf
         fail(str(e))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -222,7 +222,10 @@ def main(argv=None):
         loader = build_data(cfg, model_cfg, dp_rank, dp)
     except (ValueError, OSError) as e:
         fail(f"data: {e}")
-    model = build_model(cfg, model_cfg, tp_group, device)
+    try:
+        model = build_model(cfg, model_cfg, tp_group, device)
+    except (ValueError, OSError) as e:               # llama.hf.CheckpointError, ParallelError, unreadable shards
+        fail(f"model: {e}")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(model, cfg, tp_rank, dp_group, hardware_sr=device.type == "xla")
     scheduler = build_scheduler(optimizer, cfg)

@@ -143,6 +143,25 @@ def test_nki_backend_without_the_neuron_sdk(capsys, tmp_path):
     assert not os.path.exists(tmp_path / "b")
 
 
+def test_bad_init_from_hf(capsys, tmp_path):
+    err = _err(train_inproc(capsys, "--init-from-hf", tmp_path / "none", "--out-dir", tmp_path / "a", *SMALL))
+    assert "no config file" in err and str(tmp_path / "none") in err
+    assert not os.path.exists(tmp_path / "a")
+    # a checkpoint whose weights are missing: the model build fails with the file named, not a traceback
+    import torch
+
+    import llama
+    torch.manual_seed(0)
+    hf = tmp_path / "hf"
+    llama.to_hf(llama.Llama(llama.LlamaConfig(vocab_size=2048, hidden_size=32, intermediate_size=64, num_layers=1,
+                                              num_heads=2, num_kv_heads=2, max_seq_len=64)), hf)
+    for f in glob.glob(str(hf / "*.safetensors")):
+        os.remove(f)
+    res = train_inproc(capsys, "--init-from-hf", hf, "--out-dir", tmp_path / "b", *SMALL)
+    assert res.returncode != 0 and "model: " in res.stderr and str(hf) in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr
+
+
 def test_bad_toml_key(capsys, tmp_path):
     cfg = tmp_path / "c.toml"
     cfg.write_text('preset = "tiny"\nlr = 1e-3\nlearning_rate = 3\n')
