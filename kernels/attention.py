@@ -70,6 +70,13 @@ def _causal_mask():
     return mask
 
 
+def _dims(q, k):
+    """(B, Hq, Hkv, group size, S, D, 128-row tiles of S, rows per query chunk) of q [B,Hq,S,D], k [B,Hkv,S,D]."""
+    B, Hq, S, D = q.shape
+    Hkv = k.shape[1]
+    return B, Hq, Hkv, Hq // Hkv, S, D, (S + _P - 1) // _P, _CHUNK_TILES * _P
+
+
 def _tiles(n_rows):
     """[(row start, rows)] of the 128-row tiles of n_rows."""
     return [(r0, min(_P, n_rows - r0)) for r0 in range(0, n_rows, _P)]
@@ -174,14 +181,8 @@ def flash_fwd(q, k, v, causal=True, softmax_scale=1.0):
     x2 for fp32) + small fp32 tiles; the interpreter measures 25 KiB (bf16) / 49 KiB (fp32). PSUM: scores
     4 banks + 2 transpose banks + 1 P @ V bank = 7 of 8.
     """
-    B, Hq, S, D = q.shape
-    Hkv = k.shape[1]
-    G = Hq // Hkv
-    dt = q.dtype
-    f32 = nl.float32
-    c = float(softmax_scale)
-    T = (S + _P - 1) // _P
-    CH = _CHUNK_TILES * _P
+    B, Hq, Hkv, G, S, D, T, CH = _dims(q, k)
+    dt, f32, c = q.dtype, nl.float32, float(softmax_scale)
     o = nl.ndarray((B, Hq, S, D), dtype=dt, buffer=nl.shared_hbm)
     lse = nl.ndarray((B, Hq, S), dtype=f32, buffer=nl.shared_hbm)
 
@@ -301,14 +302,8 @@ def flash_bwd(q, k, v, o, do, lse, causal=True, softmax_scale=1.0):
     ~12 KiB; the interpreter measures 68 KiB (bf16) / 100 KiB (fp32). PSUM: scores, dP, dV, dK, dQ 5 banks +
     2 transpose banks = 7 of 8.
     """
-    B, Hq, S, D = q.shape
-    Hkv = k.shape[1]
-    G = Hq // Hkv
-    dt = q.dtype
-    f32 = nl.float32
-    c = float(softmax_scale)
-    T = (S + _P - 1) // _P
-    CH = _CHUNK_TILES * _P
+    B, Hq, Hkv, G, S, D, T, CH = _dims(q, k)
+    dt, f32, c = q.dtype, nl.float32, float(softmax_scale)
     dq = nl.ndarray((B, Hq, S, D), dtype=dt, buffer=nl.shared_hbm)
     dk = nl.ndarray((B, Hkv, S, D), dtype=dt, buffer=nl.shared_hbm)
     dv = nl.ndarray((B, Hkv, S, D), dtype=dt, buffer=nl.shared_hbm)
