@@ -18,6 +18,7 @@ every gradient. Rows are split into equal chunks of at most chunk_elems // V row
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 from torch import nn
@@ -52,8 +53,9 @@ class _LinearCE(torch.autograd.Function):
             dh = torch.empty_like(h2) if need_h else None
             dw = None          # created by the first chunk's matmul (no zero fill of a [V, H] buffer)
             total = torch.zeros((), dtype=acc, device=dev)
-            rows = max(1, min(n, chunk_elems // v))
-            rows = -(-n // -(-n // rows)) if n else 1      # equal chunks: 1024 rows -> 4 x 256, not 3 x 262 + 238
+            # equal chunks of at most chunk_elems // V rows: 1024 rows -> 4 x 256, not 3 x 262 + 238
+            chunks = math.ceil(n / max(1, min(n, chunk_elems // v))) if n else 1
+            rows = math.ceil(n / chunks) if n else 1
             # One [rows, V] buffer in the compute dtype, reused by every chunk, receives the logits (written by
             # the matmul itself when no cast is needed), then in place the log-softmax and the softmax gradient:
             # no fresh V-wide allocation per chunk. The logits matmul reads a contiguous [H, V] copy of the

@@ -86,6 +86,22 @@ def same_free(instr, role_a, na, role_b, nb):
         fail("free.match", instr, role_b, f"has {nb} elements per partition but '{role_a}' has {na}", na)
 
 
+def same_tiles(I, first, *others, allowed=ONCHIP):
+    """The elementwise operand check: each (role, tensor) must pass ``onchip`` and match the first operand's
+    partition count and free size. Returns the first operand's (partition_count, partition_start, free_size).
+    Each operand is checked in full before the next, so with two bad operands the earlier one is reported. This runs
+    on every instruction: a plain loop, and the raising checks are called only on a mismatch."""
+    role, t = first
+    p, start, n = onchip(t, I, role, allowed)
+    for r, o in others:
+        po, _, no = onchip(o, I, r, allowed)
+        if po != p:
+            same_partitions(I, role, p, r, po)
+        if no != n:
+            same_free(I, role, n, r, no)
+    return p, start, n
+
+
 def scalar_or_column(v, instr, role, p, fp32_tile=True):
     """tensor_scalar/activation operand: a Python number or a [P,1] tile (fp32). Returns a float32 array
     broadcastable against a [P, ...] tile, or a Python float."""

@@ -12,9 +12,9 @@ import numpy as np
 from . import dtypes as _dt
 from . import ops as _ops
 from . import target
-from .engines import (fail, onchip, no_psum, same_partitions, same_free, scalar_or_column, emit, store, mm_flags,
-                      tensor as _tensor)
-from .tensor import NkiTensor, ONCHIP
+from .engines import (fail, onchip, no_psum, same_partitions, same_free, same_tiles, scalar_or_column, emit, store,
+                      mm_flags, tensor as _tensor)
+from .tensor import NkiTensor
 
 _f32 = np.float32
 
@@ -85,22 +85,6 @@ def _engine_name(e, default):
     if isinstance(e, engine):
         return e.value
     return str(e)
-
-
-def _same_tiles(I, first, *others, allowed=ONCHIP):
-    """The elementwise operand check: each (role, tensor) must pass ``onchip`` and match the first operand's
-    partition count and free size. Returns the first operand's (partition_count, partition_start, free_size).
-    Each operand is checked in full before the next, so with two bad operands the earlier one is reported. This runs
-    on every instruction: a plain loop, and the raising checks are called only on a mismatch."""
-    role, t = first
-    p, start, n = onchip(t, I, role, allowed)
-    for r, o in others:
-        po, _, no = onchip(o, I, r, allowed)
-        if po != p:
-            same_partitions(I, role, p, r, po)
-        if no != n:
-            same_free(I, role, n, r, no)
-    return p, start, n
 
 
 # ------------------------------------------------------------------------------------------ per-launch state
@@ -310,7 +294,7 @@ def activation(dst, op, data, bias=None, scale=1.0, reduce_op=None, reduce_res=N
 
 def _activation(I, dst, op, data, bias, scale, reduce_op, reduce_res, cmd, name):
     fn = _ops.unary(op, I)
-    p, pstart, n = _same_tiles(I, ("data", data), ("dst", dst))
+    p, pstart, n = same_tiles(I, ("data", data), ("dst", dst))
     b, sc = _bias_scale(I, p, bias, scale)
     if fn.name == "reciprocal" and bias is not None and target.version() == 2:
         fail("activation.bias", I, "bias", "activation(op=reciprocal) does not support bias on NeuronCore-v2")
@@ -365,7 +349,7 @@ def tensor_tensor(dst, data1, data2, op, engine=engine.unknown, name=None):
     (int32/uint32) operations run on GpSimd with exact integer math (SBUF only)."""
     I = "tensor_tensor"
     opd = _ops.binary(op, I)
-    _same_tiles(I, ("data1", data1), ("data2", data2), ("dst", dst))
+    same_tiles(I, ("data1", data1), ("data2", data2), ("dst", dst))
     if data1._st.buffer == "psum" and data2._st.buffer == "psum":
         fail("tensor_tensor.psum", I, "data2", "and data1 are both in PSUM; at most one input may be in PSUM")
     ints = data1.dtype.kind in "iu" and data2.dtype.kind in "iu" and dst.dtype.kind in "iu"
@@ -420,7 +404,7 @@ def tensor_scalar(dst, data, op0, operand0, reverse0=False, op1=None, operand1=N
     I = "tensor_scalar"
     o0 = _ops.binary(op0, I, "op0")
     o1 = _ops.binary(op1, I, "op1") if op1 is not None else None
-    p, _, n = _same_tiles(I, ("data", data), ("dst", dst))
+    p, _, n = same_tiles(I, ("data", data), ("dst", dst))
     bit0 = o0.kind == "bitvec"
     if o1 is not None and (o1.kind == "bitvec") != bit0:
         fail("tensor_scalar.op_class", I, "op1", f"{o1.name} and op0 {o0.name} must both be arithmetic or both "
@@ -466,7 +450,7 @@ def scalar_tensor_tensor(dst, data, op0, operand0, op1, operand1, reverse0=False
     I = "scalar_tensor_tensor"
     o0 = _ops.binary(op0, I, "op0")
     o1 = _ops.binary(op1, I, "op1")
-    p, _, n = _same_tiles(I, ("data", data), ("dst", dst), ("operand1", operand1))
+    p, _, n = same_tiles(I, ("data", data), ("dst", dst), ("operand1", operand1))
     if data._st.buffer == "psum" and operand1._st.buffer == "psum":
         fail("scalar_tensor_tensor.psum", I, "operand1", "and data are both in PSUM; at most one may be")
     if o0.kind == "bitvec" or o1.kind == "bitvec":
@@ -544,7 +528,7 @@ def tensor_scalar_reduce(dst, data, op0, operand0, reduce_op, reduce_res=None, r
     red = _ops.binary(reduce_op, I, "reduce_op")
     if red.name not in ("add", "subtract", "multiply", "maximum", "minimum"):
         fail("reduce.op", I, "reduce_op", f"{red.name} is not add/subtract/multiply/maximum/minimum")
-    p, pstart, n = _same_tiles(I, ("data", data), ("dst", dst))
+    p, pstart, n = same_tiles(I, ("data", data), ("dst", dst))
     v0 = scalar_or_column(operand0, I, "operand0", p)
     if reduce_res is not None:
         pr, _, nr = onchip(reduce_res, I, "reduce_res")
@@ -587,7 +571,7 @@ def tensor_copy(dst, src, engine=engine.unknown, name=None):
     """dst = src; bit-exact when dtypes are equal, else via fp32 with RNE. Not on the Scalar engine on v2; the
     GpSimd engine cannot access PSUM."""
     I = "tensor_copy"
-    p, _, n = _same_tiles(I, ("src", src), ("dst", dst))
+    p, _, n = same_tiles(I, ("src", src), ("dst", dst))
     eng = _engine_name(engine, "vector")
     if eng == "scalar" and target.version() == 2:
         fail("engine", I, "engine", "tensor_copy is not supported on the Scalar engine on NeuronCore-v2 (use "
@@ -633,7 +617,7 @@ def memset(dst, value, engine=engine.unknown, name=None):
 def reciprocal(dst, data, name=None):
     """dst = 1 / data on the Vector engine (fp32)."""
     I = "reciprocal"
-    p, _, n = _same_tiles(I, ("data", data), ("dst", dst))
+    p, _, n = same_tiles(I, ("data", data), ("dst", dst))
     with np.errstate(all="ignore"):
         store(dst, _f32(1.0) / data.read().reshape(p, n))
     emit("vector", I, (("dst", dst), ("data", data)), name)
@@ -644,7 +628,7 @@ def tensor_tensor_scan(dst, data0, data1, initial, op0, op1, reverse0=False, rev
     I = "tensor_tensor_scan"
     o0 = _ops.binary(op0, I, "op0")
     o1 = _ops.binary(op1, I, "op1")
-    p, _, n = _same_tiles(I, ("data0", data0), ("data1", data1), ("dst", dst))
+    p, _, n = same_tiles(I, ("data0", data0), ("data1", data1), ("dst", dst))
     init = scalar_or_column(initial, I, "initial", p)
     a = data0.read().reshape(p, n)
     b = data1.read().reshape(p, n)
@@ -727,7 +711,7 @@ def select_reduce(dst, predicate, on_true, on_false, reduce_res=None, reduce_cmd
     the Vector accumulator registers (reset to -inf). on_false: fp32 scalar or [P,1] tile; predicate int8/uint8/
     int16/uint16; on_true and predicate not both in PSUM; on_true not tfloat32/int32/uint32."""
     I = "select_reduce"
-    p, pstart, n = _same_tiles(I, ("on_true", on_true), ("predicate", predicate), ("dst", dst))
+    p, pstart, n = same_tiles(I, ("on_true", on_true), ("predicate", predicate), ("dst", dst))
     if on_true._st.buffer == "psum" and predicate._st.buffer == "psum":
         fail("select_reduce.psum", I, "predicate", "and on_true are both in PSUM; at most one may be")
     if predicate.dtype not in (_dt.int8, _dt.uint8, _dt.int16, _dt.uint16):
@@ -837,7 +821,7 @@ def affine_select(dst, pattern, channel_multiplier, on_true_tile, on_false_value
     sum(index*stride over pattern) (as iota). GpSimd: dst and on_true_tile in SBUF."""
     I = "affine_select"
     cmp = _ops.binary(cmp_op if cmp_op is not None else _ops.BINARY["equal"], I, "cmp_op")
-    p, _, n = _same_tiles(I, ("dst", dst), ("on_true_tile", on_true_tile), allowed=("sbuf",))
+    p, _, n = same_tiles(I, ("dst", dst), ("on_true_tile", on_true_tile), allowed=("sbuf",))
     if isinstance(on_false_value, NkiTensor) or not isinstance(on_false_value, (int, float, np.floating,
                                                                                   np.integer)):
         fail("affine_select.on_false_value", I, "on_false_value", "must be an fp32 scalar")
@@ -898,7 +882,7 @@ def set_rng_seed(src_seeds, name=None):
 def dropout(dst, data, prob, name=None):
     """dst = data with each element zeroed with probability prob (scalar or [P,1]); no rescaling."""
     I = "dropout"
-    p, _, n = _same_tiles(I, ("data", data), ("dst", dst))
+    p, _, n = same_tiles(I, ("data", data), ("dst", dst))
     if dst.dtype != data.dtype:
         fail("dropout.dtype", I, "dst", f"is {_dt.name(dst.dtype)}; must equal data's {_dt.name(data.dtype)}")
     pr = scalar_or_column(prob, I, "prob", p)
