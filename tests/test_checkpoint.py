@@ -30,6 +30,29 @@ def test_keep_last_and_latest(tmp_path):
     assert ckpt.latest_checkpoint(str(tmp_path)).endswith("step_000005")
 
 
+def test_kill_while_pruning_leaves_no_half_deleted_checkpoint(tmp_path, monkeypatch):
+    # shutil.rmtree deletes files before their directory: a SIGKILL in between must not leave a final-named
+    # checkpoint without its meta.json (seen once in the SIGKILL resume test). Simulated: the deletion stops after
+    # removing meta.json.
+    for s in (1, 2):
+        _save(tmp_path, s, keep=2)
+
+    def killed_rmtree(path, ignore_errors=False):
+        os.remove(os.path.join(path, "meta.json"))
+        raise KeyboardInterrupt("killed inside the deletion")
+
+    monkeypatch.setattr(ckpt.shutil, "rmtree", killed_rmtree)
+    with pytest.raises(KeyboardInterrupt):
+        _save(tmp_path, 3, keep=2)                       # prunes step 1
+    monkeypatch.undo()
+    found = ckpt.list_checkpoints(str(tmp_path))
+    assert [s for s, _ in found] == [2, 3]
+    for _, path in found:                                # whatever is named final is complete
+        ckpt.read_meta(path)
+    _save(tmp_path, 4, keep=2)                           # the next save removes the leftover
+    assert not [n for n in os.listdir(tmp_path / "checkpoints") if ".old-" in n]
+
+
 def test_temporaries_are_ignored_and_cleaned(tmp_path):
     _save(tmp_path, 1)
     junk = tmp_path / "checkpoints" / "step_000002.tmp-999"

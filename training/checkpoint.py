@@ -9,7 +9,8 @@ file, fsyncs it, then a barrier; rank 0 writes ``meta.json`` last (fsync), renam
 name (``os.rename``, atomic on POSIX within a filesystem) and fsyncs the parent. A checkpoint is *complete* when
 its final directory exists and its meta.json parses and lists files that exist with the recorded sizes; a crash
 at any moment leaves either the previous complete checkpoints or a ``*.tmp-*`` directory that is never read (and
-is removed by the next save). Old checkpoints beyond ``keep_last`` are deleted only after the new one is complete.
+is removed by the next save). Old checkpoints beyond ``keep_last`` are deleted only after the new one is complete,
+by renaming them to ``*.old-*`` first: a kill during the deletion never leaves a half-deleted ``step_N``.
 Multi-node runs need ``--out-dir`` on a filesystem every node sees (FSx / NFS), as NeMo and NxD do.
 
 Test hook (used by tests/test_train_resume.py to land a SIGKILL inside a save): environment variable
@@ -169,9 +170,18 @@ def save(out_dir: str, step: int, state: dict, meta: dict, tp_rank: int, dp_rank
             os.rename(tmp, final)
         _fsync_dir(root)
         for _, path in list_checkpoints(out_dir)[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(path, ignore_errors=True)
+            _remove_final(path)
     _barrier()
     return final
+
+
+def _remove_final(path: str) -> None:
+    """Delete a complete checkpoint without ever exposing a half-deleted one under its final name: rename it out
+    of the ``step_N`` namespace first (atomic), then delete. A kill inside the deletion leaves an ``.old-``
+    directory, which is never read and is removed by the next save."""
+    doomed = f"{path}.old-{os.getpid()}"
+    os.rename(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def load(path: str, tp_rank: int, dp_rank: int) -> dict:
