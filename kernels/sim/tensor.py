@@ -9,6 +9,7 @@ it with size 1; an integer on a free dim drops it unless fewer than 2 dims would
 free dim is kept with size 1); HBM views drop integer-indexed dims like numpy. Slices must lie inside the dim
 (no silent clamping), negative steps are refused.
 """
+import itertools
 import sys
 
 import numpy as np
@@ -33,16 +34,27 @@ class DynSlice:
         return slice(self.start, self.start + self.size * self.step, self.step)
 
 
-class Storage:
-    """Backing memory of tensors: a flat numpy array plus placement facts."""
-    __slots__ = ("flat", "buffer", "name", "free_size", "mm_written", "__weakref__")
+_storage_ids = itertools.count()
 
-    def __init__(self, flat, buffer, name, free_size):
+
+class Storage:
+    """Backing memory of tensors: a flat numpy array plus placement facts.
+
+    ``space`` and ``base`` place the storage for the trace's byte ranges (the cost model's dependencies):
+    ``space`` is the hashable identity of the address space it lives in (default: a unique id, i.e. a storage
+    overlaps only itself); ``base`` = (partition offset, byte offset) of the storage's origin in that space
+    (default (0, 0)). Storages placed at explicit addresses share one space, e.g. ``("addr", "sbuf")`` with
+    ``base=address``, so overlapping placements are seen as the same memory."""
+    __slots__ = ("flat", "buffer", "name", "free_size", "mm_written", "space", "base", "__weakref__")
+
+    def __init__(self, flat, buffer, name, free_size, space=None, base=(0, 0)):
         self.flat = flat
         self.buffer = buffer
         self.name = name
         self.free_size = free_size        # elements per partition (on-chip), total size (HBM)
         self.mm_written = None            # PSUM: per-element "last written by a matmul" flags
+        self.space = next(_storage_ids) if space is None else space
+        self.base = base
 
 
 def _caller_location():
