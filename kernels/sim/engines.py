@@ -8,7 +8,7 @@ import numpy as np
 from . import dtypes as _dt
 from .errors import ConstraintError
 from .tensor import NkiTensor, ONCHIP
-from .trace import Instruction, Operand, _active
+from .trace import Instruction, Operand, _active, access_of
 
 PMAX = 128
 HBM = ("hbm", "private_hbm", "shared_hbm")
@@ -118,12 +118,49 @@ def scalar_or_column(v, instr, role, p, fp32_tile=True):
     fail("operand.type", instr, role, f"must be a Python number or a [P,1] tile, got {type(v).__name__}")
 
 
-def rec(role, t):
-    return Operand(role, t.shape, _dt.name(t.dtype), t._st.buffer, t.nbytes)
+def span_of(t):
+    """(partition_start, partition_count, byte_lo, byte_hi) of view ``t`` relative to its storage's space origin
+    (``Storage.base``); see kernels.sim.trace. A few integer ops: this runs for every operand of every
+    instruction while a trace records."""
+    st = t._st
+    isz = t._flat.itemsize
+    off = t.offset
+    shape = t.shape
+    strides = t.strides
+    b0, b1 = st.base
+    if st.buffer in ONCHIP:
+        fs = st.free_size * st.flat.itemsize // isz          # elements per partition in the view's units
+        p0 = off // fs
+        lo = hi = off - p0 * fs
+        for k in range(1, len(shape)):
+            c = shape[k]
+            if c > 1:
+                d = (c - 1) * strides[k]
+                if d > 0:
+                    hi += d
+                else:
+                    lo += d
+        return (p0 + b0, shape[0], lo * isz + b1, (hi + 1) * isz + b1)
+    lo = hi = off
+    for c, s in zip(shape, strides):
+        if c > 1:
+            d = (c - 1) * s
+            if d > 0:
+                hi += d
+            else:
+                lo += d
+    return (0, 1, lo * isz + b1, (hi + 1) * isz + b1)
+
+
+def rec(role, t, op=None):
+    return Operand(role, t.shape, _dt.name(t.dtype), t._st.buffer, t.nbytes, t._st.space, span_of(t),
+                   access_of(op, role))
 
 
 def emit(engine, op, operands, name=None):
-    """Record an instruction; operands = [(role, tensor), ...]. HBM bytes: reads for non-dst roles, writes for dst."""
+    """Record an instruction; operands = [(role, tensor), ...] (None tensors skipped). Each Operand gets its
+    space, byte span and access ("r"/"w"/"rw", kernels.sim.trace.access_of). HBM bytes: writes for the
+    written roles, reads for the others."""
     if not _active:
         return
     r = w = 0
@@ -131,12 +168,15 @@ def emit(engine, op, operands, name=None):
     for role, t in operands:
         if t is None:
             continue
-        recs.append(Operand(role, t.shape, _dt.name(t.dtype), t._st.buffer, t.nbytes))
-        if t._st.buffer in HBM:
-            if role == "dst":
-                w += t.nbytes
+        st = t._st
+        acc = access_of(op, role)
+        nb = t.nbytes
+        recs.append(Operand(role, t.shape, _dt.name(t.dtype), st.buffer, nb, st.space, span_of(t), acc))
+        if st.buffer in HBM:
+            if acc == "r":
+                r += nb
             else:
-                r += t.nbytes
+                w += nb
     ins = Instruction(engine, op, recs, r, w, name)
     for tr in _active:
         tr.instructions.append(ins)

@@ -16,6 +16,29 @@ name, e.g. "nc_matmul"), ``operands`` (list of :class:`Operand` ``(role, shape, 
 the NKI dtype name, buffer one of "sbuf"|"psum"|"hbm"|"private_hbm"|"shared_hbm"|"const", nbytes = bytes
 the operand view covers), ``bytes_hbm_read``, ``bytes_hbm_written`` and ``name`` (the ``name=`` argument).
 Records hold shapes only, never tensors, so tracing keeps no memory alive.
+
+Byte ranges (input of the cost model's dependencies, ``kernels.sim.cost``). Each Operand also carries
+
+* ``space``: hashable identity of the address space the operand lives in (``Storage.space``: a unique id per
+  storage, or a shared key such as ``("addr", "sbuf")`` for tiles placed at explicit addresses);
+* ``span`` = ``(partition_start, partition_count, byte_lo, byte_hi)``: for SBUF/PSUM the partitions covered and
+  the byte range ``[byte_lo, byte_hi)`` inside each partition that the view's elements lie in (min to max
+  element offset over the free dims, so a strided view covers its gaps), both relative to the space's origin
+  (``Storage.base`` added); for HBM ``(0, 1, byte_lo, byte_hi)`` over the flat storage;
+* ``access``: ``"r"``, ``"w"`` or ``"rw"`` from :data:`ACCESS_BY_ROLE` (below) and :data:`READ_WRITE_DST_OPS`.
+
+Access table (every role an instruction in ``kernels.sim`` records):
+
+==========================  ======  ====================================================================
+role                        access  why
+==========================  ======  ====================================================================
+dst                         w       the instruction's output (all elements written)
+dst of nc_matmul            rw      PSUM accumulation reads the old value (accumulate=True/None)
+dst of nc_stream_shuffle    rw      partitions with mask 255 keep their old dst value
+reduce_res                  w       read-out of the engine's reduce registers into a [P,1] tile
+any other role              r       inputs: src, data, data0/1/2, stationary, moving, bias, scale,
+                                    operand0/1, predicate, on_true, on_false, on_true_tile, src_seeds
+==========================  ======  ====================================================================
 """
 import contextlib
 from collections import Counter
@@ -28,6 +51,21 @@ class Operand(NamedTuple):
     dtype: str
     buffer: str
     nbytes: int
+    space: object = None      # address-space identity (Storage.space)
+    span: tuple = None        # (partition_start, partition_count, byte_lo, byte_hi), byte_hi exclusive
+    access: str = "r"         # "r" | "w" | "rw"
+
+
+ACCESS_BY_ROLE = {"dst": "w", "reduce_res": "w"}          # roles not listed are reads
+READ_WRITE_DST_OPS = frozenset(("nc_matmul", "nc_stream_shuffle"))
+
+
+def access_of(op, role):
+    """"r", "w" or "rw" for operand ``role`` of instruction ``op`` (the table in the module docstring)."""
+    a = ACCESS_BY_ROLE.get(role, "r")
+    if a == "w" and role == "dst" and op in READ_WRITE_DST_OPS:
+        return "rw"
+    return a
 
 
 class Instruction:
