@@ -5,12 +5,14 @@
     python train.py --config llama2-7b --kernels nki  # on trn1 (see scripts/trn1/ and docs/trn1.md)
     torchrun --nproc_per_node 4 train.py --tp 2       # TP 2 x DP 2 (gloo on CPU, nccl on CUDA, xla on Neuron)
 
-Flow: config -> distributed init -> (tp, dp) groups -> data -> model -> parallelize -> precision -> optimizer and
-schedule -> resume -> loop. One step: read grad_accum micro-batches; count their valid tokens and all-reduce the
-count over DP *before* the backward, so every rank divides by the same number; loss = sum over micro-batches of
-summed token losses / global valid tokens; backward; sum the replicated (sequence-parallel norm) gradients over
-TP; sum gradients over DP in fp32 (the loss is already globally normalised); global gradient norm (TP shards
-summed, replicated tensors counted once) -> NaN/Inf guard -> clip -> AdamW -> schedule; metrics; checkpoint.
+Flow (``main``, one function per phase): resolve_config -> start_run (threads, process group, kernels, TP/DP
+groups, run directory) -> build_trainable (data, model, parallelize, precision, optimizer, schedule) ->
+resume_from_checkpoint -> start_metrics -> train_loop -> summarize. One step (forward_backward, optimizer_step):
+read grad_accum micro-batches; count their valid tokens and all-reduce the count over DP *before* the backward,
+so every rank divides by the same number; loss = sum over micro-batches of summed token losses / global valid
+tokens; backward; sum the replicated (sequence-parallel norm) gradients over TP; sum gradients over DP in fp32
+(the loss is already globally normalised); global gradient norm (TP shards summed, replicated tensors counted
+once) -> NaN/Inf guard -> clip -> AdamW -> schedule; then log_step and save_checkpoint.
 Numerics of the precision modes: training/precision.py. Checkpoint format and atomicity: training/checkpoint.py.
 The XLA (trn1) path is real code but untested here (no Trainium in our CI); CPU and gloo are tested.
 """
@@ -22,13 +24,15 @@ import random
 import shutil
 import sys
 import time
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from training import checkpoint as ckpt
-from training.config import KERNELS, PRECISIONS, TrainConfigError, config_hash, load_config, parse_data_entry
+from training.config import (KERNELS, PRECISIONS, TrainConfig, TrainConfigError, config_hash, load_config,
+                             parse_data_entry)
 from training.metrics import MetricsLogger, peak_tflops
 from training.optim import (NanGuard, allreduce_grads, build_optimizer, build_scheduler, clip_grads_,
                             global_grad_norm, global_param_norm)
@@ -80,6 +84,148 @@ def fail(msg: str, code: int = EXIT_BAD_INPUT):
     sys.exit(code)
 
 
+@dataclass
+class Run:
+    """Where and how this process trains: the resolved configuration, the world layout and the run directory."""
+    cfg: TrainConfig
+    model_cfg: object                       # llama.LlamaConfig
+    world: int
+    rank: int
+    device: torch.device
+    dp: int
+    accum: int
+    tp_group: object = None
+    dp_group: object = None
+    out_dir: str = ""
+    identity: dict = field(default_factory=dict)
+
+    @property
+    def rank0(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def tp_rank(self) -> int:
+        return self.rank % self.cfg.tp
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.cfg.tp
+
+    @property
+    def tp_reduce(self):
+        """The TP group when there is one to reduce over, else None."""
+        return self.tp_group if self.cfg.tp > 1 else None
+
+    @property
+    def dp_reduce(self):
+        return self.dp_group if self.dp > 1 else None
+
+
+@dataclass
+class Trainable:
+    """What the loop updates and checkpoints."""
+    loader: object
+    model: torch.nn.Module
+    params: list
+    optimizer: object
+    local_opt: object                       # ZeRO-1: the rank's own shard of the optimizer (what it saves)
+    scheduler: object
+    guard: NanGuard
+
+
+@dataclass
+class Progress:
+    step: int = 0
+    tokens_seen: int = 0
+    last_loss: float | None = None
+    saved_at: int | None = None
+    step_times: list = field(default_factory=list)
+
+
+@dataclass
+class Meter:
+    """MFU inputs and the rank-0 metrics writer."""
+    flops_per_token: float
+    peak: float
+    peak_src: str
+    tokens_per_step: int
+    logger: MetricsLogger | None
+    t_start: float
+
+    def mfu(self, tokens_per_s: float, world: int) -> float:
+        return self.flops_per_token * tokens_per_s / (self.peak * 1e12 * world)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cfg, model_cfg = resolve_config(args)
+    run = start_run(cfg, model_cfg, args.resume)
+    parts = build_trainable(run)
+    progress = resume_from_checkpoint(run, parts) if args.resume else Progress()
+    meter = start_metrics(run, progress.step if args.resume else None)
+    announce(run, progress)
+    train_loop(run, parts, progress, meter)
+    if run.rank0:
+        summarize(run, parts, progress, meter)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
+
+
+# ---------------------------------------------------------------------- phase 1: configuration
+def resolve_config(args):
+    """The TrainConfig (preset or TOML, then flags) and the model shape it trains; bad input exits 2."""
+    overrides = {k: v for k, v in vars(args).items() if k not in ("config", "resume")}
+    try:
+        cfg = load_config(args.config, overrides)
+        return cfg, cfg.model_config()
+    except (ValueError, OSError) as e:               # TrainConfigError, ConfigError, a missing --init-from-hf
+        fail(str(e))
+
+
+# ---------------------------------------------------------------------- phase 2: processes, kernels, run dir
+def start_run(cfg, model_cfg, resume: bool) -> Run:
+    """Threads, Neuron SR, the process group, the kernel backend, the TP/DP groups and the run directory."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if cfg.device == "xla" or (cfg.device == "auto" and os.environ.get("NEURON_RT_VISIBLE_CORES")):
+        if cfg.precision == "bf16-sr":
+            set_neuron_sr_env(cfg.seed)       # before the runtime starts: hardware SR on every fp32->bf16 cast
+    world, rank, device = init_distributed(cfg.device)
+    try:
+        d = cfg.derive(world)
+    except TrainConfigError as e:
+        fail(str(e))
+    run = Run(cfg, model_cfg, world, rank, device, dp=d["dp"], accum=d["grad_accum"])
+    select_kernels(cfg)
+    if world > 1:
+        from llama import parallel
+        run.tp_group, run.dp_group = parallel.make_groups(cfg.tp)
+    run.out_dir = resolve_out_dir(cfg, world)
+    if run.rank0:
+        prepare_out_dir(run.out_dir, resume)
+    run.identity = dict(cfg.identity(), world_tp=cfg.tp, world_dp=run.dp)
+    return run
+
+
+def select_kernels(cfg):
+    from kernels import ops
+    if cfg.kernels:
+        try:
+            ops.set_backend(cfg.kernels)
+        except RuntimeError as e:                   # nki without the Neuron SDK: say so before any output exists
+            fail(f"--kernels {cfg.kernels}: {e}")
+
+
+def resolve_out_dir(cfg, world: int) -> str:
+    out_dir = cfg.out_dir or os.path.join("runs", f"{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if world > 1:                             # every rank must agree on the default's timestamp
+        box = [out_dir]
+        dist.broadcast_object_list(box, src=0)
+        out_dir = box[0]
+    return out_dir
+
+
 def init_distributed(device: str):
     """(world, rank, device) from torchrun's environment; process group gloo (CPU), nccl (CUDA), xla (Neuron)."""
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
@@ -99,6 +245,7 @@ def init_distributed(device: str):
     return world, rank, torch.device("cuda", local) if device == "cuda" else torch.device("cpu")
 
 
+
 def prepare_out_dir(out_dir: str, resume: bool):
     """Create and probe the run directory; refuse to overwrite a previous run unless resuming."""
     if not resume and os.path.isdir(out_dir) and (ckpt.list_checkpoints(out_dir) or
@@ -115,6 +262,24 @@ def prepare_out_dir(out_dir: str, resume: bool):
         fail(f"--out-dir {out_dir} is not writable: {e.strerror} ({e.filename})")
 
 
+
+# ---------------------------------------------------------------------- phase 3: data, model, optimizer
+def build_trainable(run: Run) -> Trainable:
+    cfg = run.cfg
+    try:
+        loader = build_data(cfg, run.model_cfg, run.dp_rank, run.dp)
+    except (ValueError, OSError) as e:
+        fail(f"data: {e}")
+    try:
+        model = build_model(cfg, run.model_cfg, run.tp_group, run.device)
+    except (ValueError, OSError) as e:               # llama.hf.CheckpointError, ParallelError, unreadable shards
+        fail(f"model: {e}")
+    optimizer = build_optimizer(model, cfg, run.tp_rank, run.dp_group, hardware_sr=run.device.type == "xla")
+    return Trainable(loader=loader, model=model, params=[p for p in model.parameters() if p.requires_grad],
+                     optimizer=optimizer, local_opt=optimizer.optim if cfg.zero1 else optimizer,
+                     scheduler=build_scheduler(optimizer, cfg), guard=NanGuard(cfg.nan_guard_max_consecutive))
+
+
 def build_data(cfg, model_cfg, dp_rank, dp_size):
     from llama.data import BatchLoader, PackedDataset, check_vocab, prepare_default_data
     if cfg.data:
@@ -127,6 +292,7 @@ def build_data(cfg, model_cfg, dp_rank, dp_size):
         check_vocab(tokenizer, model_cfg.vocab_size)
     ds = PackedDataset(sources, cfg.seq_len, seed=cfg.seed, split="train", vocab_size=model_cfg.vocab_size)
     return BatchLoader(ds, cfg.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size, seed=cfg.seed)
+
 
 
 def build_model(cfg, model_cfg, tp_group, device):
@@ -147,6 +313,7 @@ def build_model(cfg, model_cfg, tp_group, device):
     return model
 
 
+
 def compile_model(model, device):
     """torch.compile the whole model in place (``nn.Module.compile``: parameter names and checkpoints unchanged).
 
@@ -163,9 +330,36 @@ def compile_model(model, device):
     model.compile()
 
 
+
+# ---------------------------------------------------------------------- phase 4: resume
+def resume_from_checkpoint(run: Run, parts: Trainable) -> Progress:
+    """Load the newest complete checkpoint of --out-dir into ``parts``; it must come from the same configuration."""
+    try:
+        path = ckpt.latest_checkpoint(run.out_dir)
+        meta = ckpt.read_meta(path)
+        diff = ckpt.diff_identity(meta["identity"], run.identity)
+        if diff:
+            raise ckpt.CheckpointError(f"checkpoint {path} was written by another configuration; differing "
+                                       f"keys: " + "; ".join(diff))
+        state = ckpt.load(path, run.tp_rank, run.dp_rank)
+    except ckpt.CheckpointError as e:
+        fail(str(e))
+    parts.model.load_state_dict(state["model"])
+    parts.local_opt.load_state_dict(state["optimizer"])
+    if run.cfg.zero1:                         # ZeRO-1 syncs group keys (lr, sr_step) from its own groups
+        for zg, lg in zip(parts.optimizer.param_groups, parts.local_opt.param_groups):
+            zg.update({k: v for k, v in lg.items() if k != "params"})
+    parts.scheduler.load_state_dict(state["scheduler"])
+    parts.loader.load_state_dict(state["loader"])
+    parts.guard.load_state_dict(state["nan_guard"])
+    set_rng_state(state["rng"])
+    return Progress(step=state["step"], tokens_seen=state["tokens_seen"])
+
+
 def rng_state():
     return dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
                 cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+
 
 
 def set_rng_state(s):
@@ -176,193 +370,149 @@ def set_rng_state(s):
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    overrides = {k: v for k, v in vars(args).items() if k not in ("config", "resume")}
-    try:
-        cfg = load_config(args.config, overrides)
-        model_cfg = cfg.model_config()
-    except (ValueError, OSError) as e:               # TrainConfigError, ConfigError, a missing --init-from-hf
-        fail(str(e))
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    if cfg.device == "xla" or (cfg.device == "auto" and os.environ.get("NEURON_RT_VISIBLE_CORES")):
-        if cfg.precision == "bf16-sr":
-            set_neuron_sr_env(cfg.seed)       # before the runtime starts: hardware SR on every fp32->bf16 cast
-    world, rank, device = init_distributed(cfg.device)
-    rank0 = rank == 0
-    try:
-        d = cfg.derive(world)
-    except TrainConfigError as e:
-        fail(str(e))
-    dp, accum = d["dp"], d["grad_accum"]
-    from kernels import ops
-    from llama import parallel
-    if cfg.kernels:
-        try:
-            ops.set_backend(cfg.kernels)
-        except RuntimeError as e:                   # nki without the Neuron SDK: say so before any output exists
-            fail(f"--kernels {cfg.kernels}: {e}")
-    tp_group = dp_group = None
-    if world > 1:
-        tp_group, dp_group = parallel.make_groups(cfg.tp)
-    tp_rank, dp_rank = rank % cfg.tp, rank // cfg.tp
-    out_dir = cfg.out_dir or os.path.join("runs", f"{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}")
-    if world > 1:                             # every rank must agree on the default's timestamp
-        box = [out_dir]
-        dist.broadcast_object_list(box, src=0)
-        out_dir = box[0]
-    if rank0:
-        prepare_out_dir(out_dir, args.resume)
-    identity = cfg.identity()
-    identity.update(world_tp=cfg.tp, world_dp=dp)
 
-    # ------------------------------------------------------------------ data, model, optimizer
-    try:
-        loader = build_data(cfg, model_cfg, dp_rank, dp)
-    except (ValueError, OSError) as e:
-        fail(f"data: {e}")
-    try:
-        model = build_model(cfg, model_cfg, tp_group, device)
-    except (ValueError, OSError) as e:               # llama.hf.CheckpointError, ParallelError, unreadable shards
-        fail(f"model: {e}")
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(model, cfg, tp_rank, dp_group, hardware_sr=device.type == "xla")
-    scheduler = build_scheduler(optimizer, cfg)
-    guard = NanGuard(cfg.nan_guard_max_consecutive)
-    local_opt = optimizer.optim if cfg.zero1 else optimizer   # ZeRO-1: each rank saves its own shard's state
-
-    step, tokens_seen = 0, 0
-    if args.resume:
-        try:
-            path = ckpt.latest_checkpoint(out_dir)
-            meta = ckpt.read_meta(path)
-            diff = ckpt.diff_identity(meta["identity"], identity)
-            if diff:
-                raise ckpt.CheckpointError(f"checkpoint {path} was written by another configuration; differing "
-                                           f"keys: " + "; ".join(diff))
-            state = ckpt.load(path, tp_rank, dp_rank)
-        except ckpt.CheckpointError as e:
-            fail(str(e))
-        model.load_state_dict(state["model"])
-        local_opt.load_state_dict(state["optimizer"])
-        if cfg.zero1:                         # ZeRO-1 syncs group keys (lr, sr_step) from its own groups
-            for zg, lg in zip(optimizer.param_groups, local_opt.param_groups):
-                zg.update({k: v for k, v in lg.items() if k != "params"})
-        scheduler.load_state_dict(state["scheduler"])
-        loader.load_state_dict(state["loader"])
-        guard.load_state_dict(state["nan_guard"])
-        set_rng_state(state["rng"])
-        step, tokens_seen = state["step"], state["tokens_seen"]
-
-    flops_per_token = model_cfg.flops_per_token(cfg.seq_len)
-    peak, peak_src = peak_tflops(device.type, param_dtype(cfg.precision) if cfg.precision != "mixed"
+# ---------------------------------------------------------------------- phase 5: metrics
+def start_metrics(run: Run, resume_step: int | None) -> Meter:
+    cfg = run.cfg
+    peak, peak_src = peak_tflops(run.device.type, param_dtype(cfg.precision) if cfg.precision != "mixed"
                                  else torch.bfloat16, cfg.peak_tflops)
-    logger = MetricsLogger(out_dir, resume_step=step if args.resume else None) if rank0 else None
-    tokens_per_step = cfg.global_batch_size * cfg.seq_len
-    nan_steps = {int(s) for s in os.environ.get("LLAMA_TRAIN_FAULT_NAN_STEPS", "").split(",") if s.strip()}
-    if rank0:
-        print(f"train.py: {cfg.model} ({model_cfg.num_params() / 1e6:.2f}M params), precision {cfg.precision}, "
-              f"kernels {ops.get_backend() if hasattr(ops, 'get_backend') else cfg.kernels}, world {world} = tp "
-              f"{cfg.tp} x dp {dp}, global batch {cfg.global_batch_size} = micro {cfg.micro_batch_size} x dp {dp} "
-              f"x accum {accum}, seq {cfg.seq_len}, steps {step} -> {cfg.max_steps}, out {out_dir}", flush=True)
+    logger = MetricsLogger(run.out_dir, resume_step=resume_step) if run.rank0 else None
+    return Meter(flops_per_token=run.model_cfg.flops_per_token(cfg.seq_len), peak=peak, peak_src=peak_src,
+                 tokens_per_step=cfg.global_batch_size * cfg.seq_len, logger=logger, t_start=time.perf_counter())
 
+
+def announce(run: Run, progress: Progress):
+    if not run.rank0:
+        return
+    from kernels import ops
+    cfg = run.cfg
+    print(f"train.py: {cfg.model} ({run.model_cfg.num_params() / 1e6:.2f}M params), precision {cfg.precision}, "
+          f"kernels {ops.get_backend() if hasattr(ops, 'get_backend') else cfg.kernels}, world {run.world} = tp "
+          f"{cfg.tp} x dp {run.dp}, global batch {cfg.global_batch_size} = micro {cfg.micro_batch_size} x dp "
+          f"{run.dp} x accum {run.accum}, seq {cfg.seq_len}, steps {progress.step} -> {cfg.max_steps}, out "
+          f"{run.out_dir}", flush=True)
+
+
+# ---------------------------------------------------------------------- phase 6: the loop
+def train_loop(run: Run, parts: Trainable, progress: Progress, meter: Meter):
     from tqdm import tqdm
-    bar = tqdm(total=cfg.max_steps, initial=step, disable=not (rank0 and cfg.progress), dynamic_ncols=True,
-               file=sys.stdout)
-    step_times, last_loss, t_start, saved_at = [], None, time.perf_counter(), None
-    model.train()
-    # ------------------------------------------------------------------ the loop
-    while step < cfg.max_steps:
+    cfg = run.cfg
+    nan_steps = {int(s) for s in os.environ.get("LLAMA_TRAIN_FAULT_NAN_STEPS", "").split(",") if s.strip()}
+    bar = tqdm(total=cfg.max_steps, initial=progress.step, disable=not (run.rank0 and cfg.progress),
+               dynamic_ncols=True, file=sys.stdout)
+    parts.model.train()
+    meter.t_start = time.perf_counter()
+    while progress.step < cfg.max_steps:
         t0 = time.perf_counter()
-        micro = [loader.next() for _ in range(accum)]
-        n_valid = torch.tensor(sum(int((lbl != -100).sum()) for _, lbl in micro), dtype=torch.float32, device=device)
-        if dp_group is not None and dp > 1:
-            dist.all_reduce(n_valid, group=dp_group)
-        loss_sum = torch.zeros((), dtype=torch.float32, device=device)
-        for ids, lbl in micro:
-            with autocast_context(cfg.precision, device.type):
-                loss = model(ids.to(device), labels=lbl.to(device), reduction="sum")
-            if step + 1 in nan_steps:
-                loss = loss * float("nan")    # test hook: a poisoned step (LLAMA_TRAIN_FAULT_NAN_STEPS=5,6)
-            (loss / n_valid.clamp(min=1)).backward()
-            loss_sum += loss.detach().float()
-        parallel.allreduce_replicated_grads(model)
-        allreduce_grads(params, dp_group if dp > 1 else None)
-        grad_norm = global_grad_norm(params, tp_group if cfg.tp > 1 else None)
-        ok = guard.check(grad_norm)
-        if ok:
-            clip_grads_(params, grad_norm, cfg.grad_clip)
-            optimizer.step()
-            scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "xla":
-            import torch_xla.core.xla_model as xm
-            xm.mark_step()
-        step += 1
-        tokens_seen += tokens_per_step
-        if not ok and guard.exhausted:
+        loss_sum, n_valid = forward_backward(run, parts, poison=progress.step + 1 in nan_steps)
+        grad_norm, ok = optimizer_step(run, parts)
+        progress.step += 1
+        progress.tokens_seen += meter.tokens_per_step
+        if not ok and parts.guard.exhausted:
             bar.close()
-            fail(f"{guard.consecutive} consecutive steps with a non-finite gradient norm (last at step {step}); "
-                 f"stopping. The last good checkpoint is intact in {ckpt.checkpoint_root(out_dir)}", EXIT_NAN)
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
-            if dp > 1:
-                dist.all_reduce(loss_sum, group=dp_group)
-            last_loss = float(loss_sum / n_valid.clamp(min=1))
-            dt = time.perf_counter() - t0
-            step_times.append(dt)
-            tps = tokens_per_step / dt
-            mfu = flops_per_token * tps / (peak * 1e12 * world)
-            # on log steps only: one more pass over the weights (and a host sync on XLA)
-            param_norm = float(global_param_norm(params, tp_group if cfg.tp > 1 else None))
-            if rank0:
-                logger.log(step, loss=last_loss, lr=scheduler.get_last_lr()[0], grad_norm=float(grad_norm),
-                           param_norm=param_norm, tokens_per_s=tps, sequences_per_s=tps / cfg.seq_len, mfu=mfu,
-                           step_time_s=dt, skipped=int(not ok),
-                           skipped_total=guard.skipped, tokens=tokens_seen)
-                bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{tps:,.0f}", mfu=f"{100 * mfu:.2f}%")
+            fail(f"{parts.guard.consecutive} consecutive steps with a non-finite gradient norm (last at step "
+                 f"{progress.step}); stopping. The last good checkpoint is intact in "
+                 f"{ckpt.checkpoint_root(run.out_dir)}", EXIT_NAN)
+        if progress.step % cfg.log_every == 0 or progress.step == cfg.max_steps:
+            log_step(run, parts, progress, meter, loss_sum, n_valid, grad_norm, ok, time.perf_counter() - t0, bar)
         bar.update(1)
         # no checkpoint inside a run of skipped steps: the last one written stays the last good one
-        if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0 or step == cfg.max_steps) and ok:
-            save_checkpoint(cfg, out_dir, step, model, local_opt, scheduler, loader, guard, tokens_seen, identity,
-                            tp_rank, dp_rank)
-            saved_at = step
+        due = cfg.checkpoint_every and progress.step % cfg.checkpoint_every == 0 or progress.step == cfg.max_steps
+        if due and ok:
+            save_checkpoint(run, parts, progress)
+            progress.saved_at = progress.step
     bar.close()
 
-    # ------------------------------------------------------------------ summary
-    if rank0:
-        wall = time.perf_counter() - t_start
-        steady = step_times[len(step_times) // 10 + 1:] or step_times
-        mean_tps = tokens_per_step / (sum(steady) / len(steady)) if steady else float("nan")
-        mfu = flops_per_token * mean_tps / (peak * 1e12 * world)
-        # A resume that finds the run already complete trains no step: there is no loss to report.
-        final_loss = f"{last_loss:.4f}" if last_loss is not None else "n/a (no step run by this invocation)"
-        logger.close()
-        try:
-            from training.plot import plot_runs
-            plot_runs([out_dir], os.path.join(out_dir, "loss.png"), labels=[cfg.precision],
-                      title=f"{cfg.model} {cfg.precision} loss")
-        except Exception as e:                # the run's results stand without the picture
-            print(f"train.py: warning: loss.png not written: {e}", file=sys.stderr)
-        print(f"\ntrain.py summary\n  steps           {step} (skipped by the NaN guard: {guard.skipped})\n"
-              f"  tokens          {tokens_seen:,}\n  wall time       {wall:.1f} s\n"
-              f"  tokens/s        {mean_tps:,.0f} (mean after the first {len(step_times) - len(steady)} logged "
-              f"steps)\n  MFU             {100 * mfu:.2f}% ({flops_per_token / 1e6:.2f} MFLOP/token; peak "
-              f"{peak:.3g} TFLOPS/device x {world}: {peak_src})\n  final loss      {final_loss}\n"
-              f"  last checkpoint step {saved_at}\n  output          {out_dir}", flush=True)
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    return 0
+
+def forward_backward(run: Run, parts: Trainable, poison: bool):
+    """grad_accum micro-batches; the loss is normalised by the valid tokens of the whole global batch, counted
+    (and all-reduced over DP) before the backward so every rank divides by the same number."""
+    device = run.device
+    micro = [parts.loader.next() for _ in range(run.accum)]
+    n_valid = torch.tensor(sum(int((lbl != -100).sum()) for _, lbl in micro), dtype=torch.float32, device=device)
+    if run.dp_reduce is not None:
+        dist.all_reduce(n_valid, group=run.dp_group)
+    loss_sum = torch.zeros((), dtype=torch.float32, device=device)
+    for ids, lbl in micro:
+        with autocast_context(run.cfg.precision, device.type):
+            loss = parts.model(ids.to(device), labels=lbl.to(device), reduction="sum")
+        if poison:
+            loss = loss * float("nan")        # test hook: a poisoned step (LLAMA_TRAIN_FAULT_NAN_STEPS=5,6)
+        (loss / n_valid.clamp(min=1)).backward()
+        loss_sum += loss.detach().float()
+    return loss_sum, n_valid
 
 
-def save_checkpoint(cfg, out_dir, step, model, opt, scheduler, loader, guard, tokens_seen, identity, tp_rank, dp_rank):
-    state = dict(model=model.state_dict(), optimizer=opt.state_dict(), scheduler=scheduler.state_dict(),
-                 loader=loader.state_dict(), nan_guard=guard.state_dict(), rng=rng_state(), step=step,
-                 tokens_seen=tokens_seen,
+def optimizer_step(run: Run, parts: Trainable):
+    """Gradient reductions (TP replicated, DP in fp32), the global norm, the NaN guard, clip, AdamW, schedule."""
+    from llama import parallel
+    parallel.allreduce_replicated_grads(parts.model)
+    allreduce_grads(parts.params, run.dp_reduce)
+    grad_norm = global_grad_norm(parts.params, run.tp_reduce)
+    ok = parts.guard.check(grad_norm)
+    if ok:
+        clip_grads_(parts.params, grad_norm, run.cfg.grad_clip)
+        parts.optimizer.step()
+        parts.scheduler.step()
+    parts.optimizer.zero_grad(set_to_none=True)
+    if run.device.type == "xla":
+        import torch_xla.core.xla_model as xm
+        xm.mark_step()
+    return grad_norm, ok
+
+
+def log_step(run, parts, progress, meter, loss_sum, n_valid, grad_norm, ok, dt, bar):
+    if run.dp_reduce is not None:
+        dist.all_reduce(loss_sum, group=run.dp_group)
+    progress.last_loss = float(loss_sum / n_valid.clamp(min=1))
+    progress.step_times.append(dt)
+    tps = meter.tokens_per_step / dt
+    mfu = meter.mfu(tps, run.world)
+    # on log steps only: one more pass over the weights (and a host sync on XLA)
+    param_norm = float(global_param_norm(parts.params, run.tp_reduce))
+    if run.rank0:
+        meter.logger.log(progress.step, loss=progress.last_loss, lr=parts.scheduler.get_last_lr()[0],
+                         grad_norm=float(grad_norm), param_norm=param_norm, tokens_per_s=tps,
+                         sequences_per_s=tps / run.cfg.seq_len, mfu=mfu, step_time_s=dt, skipped=int(not ok),
+                         skipped_total=parts.guard.skipped, tokens=progress.tokens_seen)
+        bar.set_postfix(loss=f"{progress.last_loss:.3f}", tok_s=f"{tps:,.0f}", mfu=f"{100 * mfu:.2f}%")
+
+
+def save_checkpoint(run: Run, parts: Trainable, progress: Progress):
+    cfg = run.cfg
+    state = dict(model=parts.model.state_dict(), optimizer=parts.local_opt.state_dict(),
+                 scheduler=parts.scheduler.state_dict(), loader=parts.loader.state_dict(),
+                 nan_guard=parts.guard.state_dict(), rng=rng_state(), step=progress.step,
+                 tokens_seen=progress.tokens_seen,
                  sr=dict(seed=cfg.seed, rule="bits of step s come from sr_seed(seed, s, stream); see precision.py"))
-    meta = dict(identity=identity, config_hash=config_hash(identity), precision=cfg.precision, tp=cfg.tp,
-                dp=identity["world_dp"], time=time.strftime("%Y-%m-%dT%H:%M:%S"))
-    ckpt.save(out_dir, step, state, meta, tp_rank, dp_rank, cfg.keep_last)
+    meta = dict(identity=run.identity, config_hash=config_hash(run.identity), precision=cfg.precision, tp=cfg.tp,
+                dp=run.dp, time=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    ckpt.save(run.out_dir, progress.step, state, meta, run.tp_rank, run.dp_rank, cfg.keep_last)
+
+
+# ---------------------------------------------------------------------- phase 7: summary (rank 0)
+def summarize(run: Run, parts: Trainable, progress: Progress, meter: Meter):
+    cfg, times = run.cfg, progress.step_times
+    wall = time.perf_counter() - meter.t_start
+    steady = times[len(times) // 10 + 1:] or times
+    mean_tps = meter.tokens_per_step / (sum(steady) / len(steady)) if steady else float("nan")
+    mfu = meter.mfu(mean_tps, run.world)
+    # A resume that finds the run already complete trains no step: there is no loss to report.
+    final_loss = f"{progress.last_loss:.4f}" if progress.last_loss is not None else \
+        "n/a (no step run by this invocation)"
+    meter.logger.close()
+    try:
+        from training.plot import plot_runs
+        plot_runs([run.out_dir], os.path.join(run.out_dir, "loss.png"), labels=[cfg.precision],
+                  title=f"{cfg.model} {cfg.precision} loss")
+    except Exception as e:                # the run's results stand without the picture
+        print(f"train.py: warning: loss.png not written: {e}", file=sys.stderr)
+    print(f"\ntrain.py summary\n  steps           {progress.step} (skipped by the NaN guard: {parts.guard.skipped})\n"
+          f"  tokens          {progress.tokens_seen:,}\n  wall time       {wall:.1f} s\n"
+          f"  tokens/s        {mean_tps:,.0f} (mean after the first {len(times) - len(steady)} logged "
+          f"steps)\n  MFU             {100 * mfu:.2f}% ({meter.flops_per_token / 1e6:.2f} MFLOP/token; peak "
+          f"{meter.peak:.3g} TFLOPS/device x {run.world}: {meter.peak_src})\n  final loss      {final_loss}\n"
+          f"  last checkpoint step {progress.saved_at}\n  output          {run.out_dir}", flush=True)
 
 
 if __name__ == "__main__":
