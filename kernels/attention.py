@@ -20,8 +20,13 @@ Math (FlashAttention-2, spec 5.2/5.3), s = q.k (raw scores, fp32 in PSUM), c = s
             SBUF across blocks); dk/dv also summed over the query heads of the kv head's group inside the
             kernel. Each gradient is rounded once to its input dtype.
 Causal: blocks entirely above the diagonal are never computed (each query tile stops at its last key);
-only the diagonal 128 x 128 sub-block is masked, by adding a precomputed 0 / -1e30 tile to the fp32 scores
-in PSUM (exp then gives exactly 0; the diagonal element is always kept, so every row max is finite).
+only the diagonal 128 x 128 sub-block is masked, by *selecting* -1e30 in place of the fp32 scores above the
+diagonal (exp then gives exactly 0; the diagonal element is always kept, so every row max is finite). A select,
+not an add: a masked key whose score is Inf or NaN (an Inf/NaN or overflowing key) must not reach the row max
+or the row sum of an earlier query, and Inf + (-1e30) is still Inf. GpSimd cannot touch PSUM (spec 2.6), so the
+diagonal sub-block goes PSUM -> SBUF (Vector copy), affine_select in SBUF, SBUF -> PSUM (Vector copy). A masked
+key's value row still enters P @ V with an exact 0 weight: a non-finite V there gives 0 * Inf = NaN, as in every
+matmul-based attention (the reference backend alike).
 
 Layout (contraction on the partition dim, nc_matmul: dst = stationary.T @ moving):
   scores [q, k]  = (q^T [D, q]).T @ k^T [D, k<=512]     q^T, k^T made by TensorE transposes of row tiles
@@ -55,19 +60,20 @@ _MM_N = 512              # moving free size / fp32 elements of one PSUM bank (ge
 _FWD_BLOCK = 2048        # keys per online-softmax step in the forward (scores span 4 PSUM banks)
 _BWD_BLOCK = 512         # keys per backward block (one PSUM bank of scores)
 _CHUNK_TILES = 4         # 128-row tiles per DMA / per transpose group (512 rows)
-_MASKED = -1.0e30        # added to masked fp32 scores: exp(c * (s - 1e30) - ...) == 0, no overflow to -inf
+_MASKED = -1.0e30        # selected for masked fp32 scores: exp(c * -1e30 - ...) == 0, no -inf arithmetic
 
 
-def _causal_mask():
-    """[128, 128] fp32 SBUF tile: 0 where key f <= query p (kept), -1e30 above the diagonal.
+def _mask_diagonal(s_ps, rows, d0, diag):
+    """Scores s_ps[0:rows, d0:d0+rows] (fp32 PSUM, query p against key d0 + f of the diagonal sub-block) keep
+    their value where key f <= query p and become -1e30 above the diagonal, whatever they held (select).
 
-    GpSimd affine_select with a = p - f >= 0 (pattern [[-1, 128]], channel_multiplier 1), spec 2.6."""
-    zeros = nl.ndarray((_P, _P), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.memset(dst=zeros, value=0.0)
-    mask = nl.ndarray((_P, _P), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.affine_select(dst=mask, pattern=[[-1, _P]], channel_multiplier=1, on_true_tile=zeros,
-                       on_false_value=_MASKED, cmp_op=nl.greater_equal, offset=0)
-    return mask
+    GpSimd affine_select with a = p - f >= 0 (pattern [[-1, rows]], channel_multiplier 1), spec 2.6, on an SBUF
+    copy ``diag`` [128, 128] fp32: GpSimd cannot read or write PSUM."""
+    nisa.tensor_copy(dst=diag[0:rows, 0:rows], src=s_ps[0:rows, d0:d0 + rows], name="diag_to_sbuf")
+    nisa.affine_select(dst=diag[0:rows, 0:rows], pattern=[[-1, rows]], channel_multiplier=1,
+                       on_true_tile=diag[0:rows, 0:rows], on_false_value=_MASKED, cmp_op=nl.greater_equal,
+                       offset=0, name="causal_mask")
+    nisa.tensor_copy(dst=s_ps[0:rows, d0:d0 + rows], src=diag[0:rows, 0:rows], name="diag_to_psum")
 
 
 def _dims(q, k):
@@ -186,7 +192,7 @@ def flash_fwd(q, k, v, causal=True, softmax_scale=1.0):
     o = nl.ndarray((B, Hq, S, D), dtype=dt, buffer=nl.shared_hbm)
     lse = nl.ndarray((B, Hq, S), dtype=f32, buffer=nl.shared_hbm)
 
-    mask = _causal_mask() if causal else None
+    diag = nl.ndarray((_P, _P), dtype=f32, buffer=nl.sbuf) if causal else None   # _mask_diagonal's tile
     # PSUM tiles live for the whole launch; every matmul group starts with accumulate=False.
     s_ps = nl.ndarray((_P, _FWD_BLOCK), dtype=f32, buffer=nl.psum)
     t_ps = [nl.ndarray((_P, _MM_N), dtype=dt, buffer=nl.psum) for _ in range(2)]
@@ -223,9 +229,7 @@ def flash_fwd(q, k, v, causal=True, softmax_scale=1.0):
                                                moving=k_t[:, j0 + c0:j0 + c0 + cw], accumulate=False,
                                                name="scores")
                             if causal and j0 + w == kv_end:
-                                d0 = q0 - j0           # the diagonal sub-block: keys q0..q0+rows
-                                nisa.tensor_tensor(dst=s_ps[0:rows, d0:d0 + rows], data1=s_ps[0:rows, d0:d0 + rows],
-                                                   data2=mask[0:rows, 0:rows], op=nl.add, name="causal_mask")
+                                _mask_diagonal(s_ps, rows, q0 - j0, diag)   # keys q0..q0+rows
                             bmax = nl.ndarray((_P, 1), dtype=f32, buffer=nl.sbuf)
                             nisa.tensor_reduce(dst=bmax[0:rows], op=nl.maximum, data=s_ps[0:rows, 0:w], axis=1)
                             if m is None:
@@ -308,7 +312,7 @@ def flash_bwd(q, k, v, o, do, lse, causal=True, softmax_scale=1.0):
     dk = nl.ndarray((B, Hkv, S, D), dtype=dt, buffer=nl.shared_hbm)
     dv = nl.ndarray((B, Hkv, S, D), dtype=dt, buffer=nl.shared_hbm)
 
-    mask = _causal_mask() if causal else None
+    diag = nl.ndarray((_P, _P), dtype=f32, buffer=nl.sbuf) if causal else None   # _mask_diagonal's tile
     s_ps = nl.ndarray((_P, _BWD_BLOCK), dtype=f32, buffer=nl.psum)
     dp_ps = nl.ndarray((_P, _BWD_BLOCK), dtype=f32, buffer=nl.psum)
     dv_ps = nl.ndarray((_P, _CHUNK_TILES, D), dtype=f32, buffer=nl.psum)
@@ -383,9 +387,7 @@ def flash_bwd(q, k, v, o, do, lse, causal=True, softmax_scale=1.0):
                             nisa.nc_matmul(dst=s_ps[0:rows, 0:w], stationary=q_t[:, i0:i0 + rows],
                                            moving=k_t[:, j0:j0 + w], accumulate=False, name="scores")
                             if causal and j0 + w == kv_end:
-                                d0 = q0 - j0
-                                nisa.tensor_tensor(dst=s_ps[0:rows, d0:d0 + rows], data1=s_ps[0:rows, d0:d0 + rows],
-                                                   data2=mask[0:rows, 0:rows], op=nl.add, name="causal_mask")
+                                _mask_diagonal(s_ps, rows, q0 - j0, diag)
                             # p = exp(c*s - lse), fp32 on ScalarE, rounded to dt
                             nisa.activation(dst=p_sb[0:rows, 0:w], op=nl.exp, data=s_ps[0:rows, 0:w],
                                             bias=neg_lse[0:rows, i:i + 1], scale=c)

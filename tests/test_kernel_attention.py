@@ -212,3 +212,39 @@ def test_unsupported_inputs_raise_before_launch(bad):
               "dtype": ("float16",), "scale": ("-1.0",), "lse_dtype": ("float64", "float32")}
     for part in expect.get(bad, ()):
         assert part in msg, (bad, msg)
+
+
+# Poison for the keys at and after position `cut`: Inf/NaN keys, and a huge finite key whose scores overflow to
+# +-Inf / NaN in the fp32 accumulation (finite K, so the backward's dq = dS @ K stays well defined: dS is an
+# exact 0 there). Every query row before `cut` has all of them in its masked region.
+POISON = {"inf": float("inf"), "-inf": float("-inf"), "nan": float("nan"), "huge": 1e38}
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")      # numpy's overflow notes for the intended Inf scores
+@settings(max_examples=12, deadline=None)
+@given(backend=st.sampled_from(["reference", "sim"]), dtype=st.sampled_from(DTYPES),
+       heads=st.sampled_from([(1, 1), (2, 1)]), s=st.sampled_from([40, 130, 200]),
+       poison=st.sampled_from(list(POISON)), frac=st.floats(0.05, 0.95), seed=st.integers(0, 2**16))
+def test_masked_keys_never_contribute_whatever_their_value(backend, dtype, heads, s, poison, frac, seed):
+    """Causal attention, keys from `cut` on set to a non-finite (or overflowing) value: the query rows before `cut`
+    (which mask those keys) are finite and equal, within the dtype's 2x criterion, to float64 attention of the
+    clean prefix; so is dq of those rows when K stays finite (huge); the ops are run through kernels.ops on both
+    backends. Before the select the sim kernel added -1e30 to masked scores: Inf + -1e30 = Inf -> NaN rows."""
+    from kernels import ops
+    hq, hkv = heads
+    cut = max(1, min(s - 1, int(frac * s)))
+    q, k, v, do = make_inputs(1, hq, hkv, s, 16, dtype, seed)
+    k = k.clone()
+    k[:, :, cut:] = POISON[poison]
+    qr, kr, vr = (t.clone().requires_grad_(True) for t in (q, k, v))
+    with ops.use_backend(backend):
+        o = ops.flash_attention(qr, kr, vr, causal=True)
+        o.backward(do)
+    prefix = [t[:, :, :cut].contiguous() for t in (q, k, v, do)]
+    scale = 1.0 / math.sqrt(16)
+    ref64 = torch_attention(*(t.double() for t in prefix), True, scale)
+    ref_pt = torch_attention(*prefix, True, scale)
+    scales = term_scales(*prefix, True, scale)
+    assert_close_2x(f"{backend} {poison} o[:cut]", o.detach()[:, :, :cut], ref64[0], ref_pt[0], scales["o"])
+    if poison == "huge":
+        assert_close_2x(f"{backend} {poison} dq[:cut]", qr.grad[:, :, :cut], ref64[2], ref_pt[2], scales["dq"])
