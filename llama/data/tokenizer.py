@@ -14,6 +14,7 @@ import os
 import sentencepiece as spm
 
 from llama.data.errors import DataError
+from llama.data.reading import iter_jsonl_texts, iter_text_file
 
 # Llama 2's special ids.
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, -1
@@ -75,7 +76,6 @@ class Tokenizer:
 def _lines(texts_or_files, max_lines: int):
     """Non-blank lines, the first max_lines. A path (or a list/tuple of existing paths) names files (``.jsonl``:
     their ``text`` field); any other iterable yields texts."""
-    from llama.data.prepare import iter_jsonl_texts, iter_text_file
     if isinstance(texts_or_files, (str, os.PathLike)):
         texts_or_files = [texts_or_files]
     files = isinstance(texts_or_files, (list, tuple)) and texts_or_files and all(
