@@ -68,8 +68,8 @@ DMA_ENGINE_BW = 27.2e9           # [doc] [DMA] "theoretical bandwidth of 27.2 GB
 # [ISA]/[ARCH] notes. It does not occupy the engines: transfers in flight overlap their fixed costs.
 DMA_ISSUE_LATENCY_NS = 1300.0
 # Per-packet engine occupancy before its bytes move ([DMAX]: "each packet pays a setup latency"):
-# [derived] documented example "32 KiB on one engine = 1416 ns" minus 32768 B / 27.2 GB/s = 1205 ns -> 211 ns.
-DMA_PACKET_SETUP_NS = 211.0
+# [derived] documented example "32 KiB on one engine = 1416 ns" minus 32768 B / 27.2 GB/s = 1204.7 ns -> 211.3 ns.
+DMA_PACKET_SETUP_NS = 1416.0 - 32768 / 27.2
 # HBM bandwidth per NeuronCore, shared by its 16 DMA engines: [derived] [ARCH] 820 GB/s per device with 2
 # NeuronCores -> 410 GB/s per NeuronCore (nki-spec 3.1 roofline knee 222 FLOP/B = 92 TF / ~410 GB/s).
 HBM_BW = 410e9
