@@ -18,9 +18,13 @@ the carry). The carry may run into the exponent: that is the correct next bf16 v
 largest finite bf16 it yields +-inf with the matching probability (as round-to-nearest overflows). +-inf have
 zero low bits and stay inf. NaN is special-cased (its low bits would otherwise truncate to inf).
 
-Random bits: ``torch.randint`` from a ``torch.Generator`` seeded with ``sr_seed(seed, step, stream)``, a pure
-function of the run seed, the optimizer step and a stream id; the SR state of a run is therefore fully
-described by (seed, step), both of which are in every checkpoint, and resume reproduces the rounding bitwise.
+Random bits, counter-based: element i of a tensor gets r(i) = 16 bits of a hash of (key, i >> 1) (``sr_bits``;
+the definition is in kernels/native/counter_rng.h, which the native kernels implement bit for bit), with the key
+``sr_tensor_key(seed, step, stream, index)`` a pure function of the run seed, the optimizer step, the SR stream
+and the tensor's index in its parameter group. The bits do not depend on threads or on the order tensors are
+processed, the SR state of a run is fully described by (seed, step), both in every checkpoint, and resume
+reproduces the rounding bitwise. ``stochastic_round_bf16(x, generator)`` (``torch.randint`` bits) remains for
+callers that hold a generator.
 """
 from __future__ import annotations
 
@@ -56,16 +60,57 @@ def sharded_stream(tp_rank: int) -> int:
     return 1 + tp_rank
 
 
-def stochastic_round_bf16(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """fp32 tensor -> bf16 tensor, stochastically rounded (see the module docstring). Same shape and device."""
+def sr_tensor_key(seed: int, step: int, stream: int, index: int) -> int:
+    """The 63-bit SR key of one tensor: the ``index``-th tensor of a parameter group at optimizer ``step``."""
+    return _splitmix64(sr_seed(seed, step, stream) ^ index) >> 1
+
+
+def _s32(v: int) -> int:
+    """A uint32 as the int32 with the same bits (torch's int32 arithmetic wraps like uint32's)."""
+    return v - (1 << 32) if v >= 1 << 31 else v
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    # int32 right shifts are arithmetic: the masks make them logical, as on uint32
+    x = x ^ ((x >> 16) & 0xFFFF)
+    x = x * _s32(0x7FEB352D)
+    x = x ^ ((x >> 15) & 0x1FFFF)
+    x = x * _s32(0x846CA68B)
+    return x ^ ((x >> 16) & 0xFFFF)
+
+
+def sr_bits(key: int, n: int, device=None) -> torch.Tensor:
+    """r(i) for i in [0, n): int32 values in [0, 2^16). h(c) = mix32(mix32(c ^ k0) ^ k1) with k0 / k1 the low /
+    high 32 bits of ``key``; element i takes the low (even i) or high (odd i) half of h(i >> 1)."""
+    if n >= 1 << 33:
+        raise ValueError(f"sr_bits: {n} elements; the SR counter allows fewer than 2^33")
+    c = torch.arange((n + 1) // 2, dtype=torch.int64, device=device).to(torch.int32)   # counters < 2^32, wrapped
+    h = _mix32(_mix32(c ^ _s32(key & 0xFFFFFFFF)) ^ _s32((key >> 32) & 0xFFFFFFFF))
+    return torch.stack((h & 0xFFFF, (h >> 16) & 0xFFFF), dim=-1).reshape(-1)[:n]
+
+
+_BF16_QNAN = 0x7FC0
+
+
+def stochastic_round_bf16(x: torch.Tensor, generator: torch.Generator | None = None, *,
+                          key: int | None = None) -> torch.Tensor:
+    """fp32 tensor -> bf16 tensor, stochastically rounded (see the module docstring). Same shape and device.
+
+    The bits come from ``sr_bits(key, ...)`` over the row-major elements when ``key`` is given (the rule of
+    SRAdamW and of the native kernels; NaN becomes the canonical quiet NaN), else from ``torch.randint``.
+    """
     if x.dtype != torch.float32:
         raise TypeError(f"stochastic_round_bf16: expected a float32 tensor, got {x.dtype}")
     bits = x.contiguous().view(torch.int32)
-    r = torch.randint(0, 1 << 16, x.shape, generator=generator, dtype=torch.int32, device=x.device)
+    if key is not None:
+        r = sr_bits(key, x.numel(), x.device).view(x.shape)
+    else:
+        r = torch.randint(0, 1 << 16, x.shape, generator=generator, dtype=torch.int32, device=x.device)
     # int32 addition is the uint32 addition of the bit patterns except where it wraps past 0xFFFFFFFF, which only
     # negative NaNs (0xFFFF0001..) can reach; NaNs are restored below.
     rounded = ((bits + r) & -65536).view(torch.float32).to(torch.bfloat16)   # low bits are zero: exact cast
-    return torch.where(torch.isnan(x), x.to(torch.bfloat16), rounded)
+    nan = x.to(torch.bfloat16) if key is None else torch.tensor(_BF16_QNAN, dtype=torch.int16).view(torch.bfloat16)
+    return torch.where(torch.isnan(x), nan.to(x.device), rounded)
 
 
 def set_neuron_sr_env(seed: int) -> None:
