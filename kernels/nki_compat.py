@@ -14,7 +14,7 @@ import sys
 def _real_nki_available():
     mod = sys.modules.get("nki")
     if mod is not None:
-        return not getattr(mod, "SIMULATED", False)
+        return not getattr(mod, "_SIMULATED", False)
     try:
         spec = importlib.util.find_spec("nki")
     except (ImportError, ValueError):

@@ -60,7 +60,7 @@ def tiled_matmul(a, b):
             kr = min(P, kdim - k0)
             at = nl.ndarray((P, P), dtype=a.dtype, buffer=nl.sbuf)
             nisa.dma_copy(dst=at[0:mr, 0:kr], src=a[m0:m0 + mr, k0:k0 + kr])
-            tp = nl.ndarray((P, P), dtype=nl.float32, buffer=nl.psum)
+            tp = nl.ndarray((P, P), dtype=a.dtype, buffer=nl.psum)   # nc_transpose keeps the data's dtype
             nisa.nc_transpose(dst=tp[0:kr, 0:mr], data=at[0:mr, 0:kr])
             att = nl.ndarray((P, P), dtype=a.dtype, buffer=nl.sbuf)
             nisa.tensor_copy(dst=att[0:kr, 0:mr], src=tp[0:kr, 0:mr])

@@ -89,11 +89,12 @@ def test_nc_matmul_accumulates_in_fp32_not_bf16():
 @given(P=st.integers(1, 128), F=st.integers(1, 128), dt=float_dtypes, seed=st.integers(0, 999))
 @settings(max_examples=10)
 def test_nc_transpose_tensor_engine(P, F, dt, seed):
-    """TensorE transpose: SBUF [P, F] -> PSUM [F, P]; exact for finite values (fp32 PSUM dst, as on gen2)."""
+    """TensorE transpose: SBUF [P, F] -> PSUM [F, P] of the data's dtype ("The output dst tile must have the same
+    data type as that of data", nki.isa.nc_transpose); exact for finite values."""
     a = rand((P, F), dt, seed=seed)
 
     def k(x):
-        ps = nl.ndarray((F, P), dtype=nl.float32, buffer=nl.psum)
+        ps = nl.ndarray((F, P), dtype=nl_dt(dt), buffer=nl.psum)
         nisa.nc_transpose(dst=ps, data=load(x), engine=nisa.engine.tensor)
         return _evict(ps, (F, P))
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from sim_helpers import (F32, ConstraintError, hbm_out, load, nisa, nki, nl, rand, run, store)
+from kernels.sim import trace
 
 X = rand((128, 512), F32, seed=0)
 
@@ -172,18 +173,24 @@ def test_affine_select_psum_operands():
     breaks("affine_select", k_dst, X)
 
 
-def test_int32_tensor_tensor_in_psum():
-    """int32 tensor_tensor runs on GpSimd, which cannot reach PSUM."""
+def test_int32_tensor_tensor_in_psum_falls_back_to_vector():
+    """int32 tensor_tensor defaults to GpSimd, but "the automatic GpSimd dispatch for int32/uint32 falls back to
+    Vector Engine when any operand resides in PSUM" (nki.isa.tensor_tensor): fp32 math, so the sum is exact for
+    these small values and the instruction runs on the Vector engine. Asking for GpSimd explicitly is refused."""
     ai = np.arange(128 * 16, dtype=np.int32).reshape(128, 16)
 
-    def k(a):
+    def k(a, eng=None):
         t = load(a)
         p = ps((128, 16), nl.int32)
         nisa.tensor_copy(dst=p, src=t)
         o = sb((128, 16), nl.int32)
-        nisa.tensor_tensor(dst=o, data1=p, data2=t, op=nl.add)
+        nisa.tensor_tensor(dst=o, data1=p, data2=t, op=nl.add, **({"engine": eng} if eng else {}))
         return store(o)
-    breaks("tensor_tensor", k, ai)
+    with trace.record() as tr:
+        out = run(k, ai)
+    np.testing.assert_array_equal(out, 2 * ai)
+    assert [i.engine for i in tr.instructions if i.op == "tensor_tensor"] == ["vector"]
+    breaks("tensor_tensor", lambda a: k(a, nisa.engine.gpsimd), ai)
 
 
 def test_dma_copy_psum_endpoints():
@@ -360,12 +367,15 @@ def test_range_select_refused_on_trn1():
     breaks("range_select", k, X)
 
 
-def test_dma_transpose_refused_on_trn1():
-    def k(a):
+def test_dma_transpose_on_trn1_only_hwdge_refused():
+    """dma_transpose exists on trn1: only the hardware-DGE mode is NeuronCore-v3+ ("Hardware based DGE is only
+    supported for NeuronCore-v3 or newer", nki.isa.dma_transpose); the 2-D permutation is (1, 0)."""
+    def k(a, mode=None):
         o = sb((64, 128))
-        nisa.dma_transpose(dst=o, src=a[:, 0:64])
+        nisa.dma_transpose(dst=o, src=a[:, 0:64], **({"dge_mode": mode} if mode else {}))
         return store(o)
-    breaks("dma_transpose", k, X)
+    np.testing.assert_array_equal(run(k, X), X[:, 0:64].T)
+    breaks("platform", lambda a: k(a, nisa.dge_mode.hwdge), X)
 
 
 # ---------------------------------------------------------------- platform switch
@@ -503,17 +513,16 @@ def test_gpsimd_tensor_scalar_never_touches_psum():
     breaks("tensor_scalar|gpsimd|psum", k, X)
 
 
-@pytest.mark.parametrize("buf", ["sbuf", "hbm"])
-def test_kernel_outputs_must_be_shared_hbm(buf):
-    """NKI >= 0.3: every returned tensor is allocated with buffer=nl.shared_hbm (a ValueError naming the output)."""
-    def k(a):
-        if buf == "sbuf":
-            return load(a[:, 0:8])
+def test_kernel_outputs_are_hbm_tensors():
+    """A kernel returns HBM tensors: nl.shared_hbm or nl.hbm allocations (the nki.jit page's own example returns an
+    ``nl.hbm`` tensor) or an input it updated in place; an on-chip tile is refused, naming the output."""
+    def k_hbm(a):
         o = nl.ndarray((128, 8), dtype=nl.float32, buffer=nl.hbm)
         nisa.dma_copy(dst=o, src=load(a[:, 0:8]))
         return o
-    with pytest.raises(ValueError, match="shared_hbm"):
-        run(k, X)
+    np.testing.assert_array_equal(run(k_hbm, X), X[:, 0:8])
+    with pytest.raises(ValueError, match="rule output.buffer"):
+        run(lambda a: load(a[:, 0:8]), X)
 
 
 def test_out_of_bounds_slice_is_an_error_not_a_clamp():

@@ -58,8 +58,9 @@ Modules: ``isa`` (nisa), ``language`` (nl), ``nki`` (the namespace), ``tensor`` 
 Launch bracket: ``kernel[n](...)`` is the logical-NeuronCore degree (NKI >= 0.3): only 1 on trn1, 1 or 2 on trn2+
 (the two instances run one after another); multi-dimensional SPMD grids are refused.
 
-Third-party kernels: ``install_as_nki()`` makes ``import nki``, ``import nki.language``, ``import nki.isa`` resolve
-to this interpreter (refused when a real ``nki`` is installed).
+Third-party kernels: ``install_as_nki()`` makes ``import nki``, ``import nki.language``, ``import nki.isa``,
+``import nki.collectives`` and ``import nki.typing`` resolve to this interpreter (refused when a real ``nki`` is
+installed).
 """
 import importlib.util
 import sys
@@ -89,9 +90,9 @@ def install_as_nki():
     if spec is not None:
         raise ImportError(f"install_as_nki: a real 'nki' package is installed at {spec.origin or spec.name}; "
                           "refusing to shadow it (use `from kernels.nki_compat import nki, nl, nisa`)")
-    nki.language = nl
-    nki.isa = nisa
     sys.modules["nki"] = nki
     sys.modules["nki.language"] = nl
     sys.modules["nki.isa"] = nisa
+    sys.modules["nki.collectives"] = nki.collectives
+    sys.modules["nki.typing"] = nki.typing
     return nki

@@ -17,11 +17,23 @@ float8_e5m2 = np.dtype(ml_dtypes.float8_e5m2)
 int8, int16, int32 = np.dtype(np.int8), np.dtype(np.int16), np.dtype(np.int32)
 uint8, uint16, uint32 = np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.uint32)
 bool_ = np.dtype(np.bool_)
+float8_e8m0fnu = np.dtype(ml_dtypes.float8_e8m0fnu)
+
+
+def _packed(name):
+    # NeuronCore-v4 4x-packed MX types: 32-bit containers only nc_matmul_mx/quantize_mx interpret
+    return np.dtype(np.uint32, metadata={"nki": name})
+
+
+float8_e5m2_x4 = _packed("float8_e5m2_x4")
+float8_e4m3fn_x4 = _packed("float8_e4m3fn_x4")
+float4_e2m1fn_x4 = _packed("float4_e2m1fn_x4")
 
 ALL = dict(float32=float32, tfloat32=tfloat32, float16=float16, bfloat16=bfloat16, float8_e4m3=float8_e4m3,
            float8_e4m3fn=float8_e4m3fn, float8_e5m2=float8_e5m2, int8=int8, int16=int16, int32=int32,
-           uint8=uint8, uint16=uint16, uint32=uint32, bool_=bool_)
-_FLOATS = {float32, float16, bfloat16, float8_e4m3, float8_e4m3fn, float8_e5m2}
+           uint8=uint8, uint16=uint16, uint32=uint32, bool_=bool_, float8_e8m0fnu=float8_e8m0fnu,
+           float8_e5m2_x4=float8_e5m2_x4, float8_e4m3fn_x4=float8_e4m3fn_x4, float4_e2m1fn_x4=float4_e2m1fn_x4)
+_FLOATS = {float32, float16, bfloat16, float8_e4m3, float8_e4m3fn, float8_e5m2, float8_e8m0fnu}
 _BY_NAME = {k: v for k, v in ALL.items()}
 _BY_NAME.update(fp32=float32, fp16=float16, bf16=bfloat16, tf32=tfloat32, bool=bool_, float=float32)
 
@@ -37,8 +49,14 @@ def name(dt):
     """NKI name of a dtype ("bfloat16", "tfloat32", ...)."""
     n = _NAMES.get(id(dt))
     if n is None:
-        n = "tfloat32" if is_tf32(dt) else dt.name
+        md = dt.metadata
+        n = md["nki"] if md is not None and "nki" in md else dt.name
     return n
+
+
+def is_packed(dt):
+    md = dt.metadata
+    return md is not None and md.get("nki", "").endswith("_x4")
 
 
 def is_float(dt):

@@ -51,7 +51,7 @@ def onchip(t, instr, role, allowed=ONCHIP, align=True):
         if c > 65535 or not -32768 <= s <= 32767:
             fail("access_pattern.range", instr, role, f"free dims {list(shape[1:])} with strides "
                  f"{list(t.strides[1:])} exceed the hardware access pattern (count uint16, stride int16 elements)")
-    start = t.offset // fs
+    start = t.offset // fs + st.base[0]
     if align:
         if p > 64:
             if start != 0:
@@ -112,7 +112,7 @@ def scalar_or_column(v, instr, role, p, fp32_tile=True):
         same_partitions(instr, "data", p, role, pv)
         if fp32_tile and v.dtype != _dt.float32:
             fail("operand.dtype", instr, role, f"is {_dt.name(v.dtype)}; [P,1] operands must be float32", "float32")
-        return v.read().reshape(pv, 1)
+        return v._f32().reshape(pv, 1)
     if isinstance(v, (bool, int, float, np.integer, np.floating)):
         return float(v)
     fail("operand.type", instr, role, f"must be a Python number or a [P,1] tile, got {type(v).__name__}")
@@ -128,27 +128,23 @@ def span_of(t):
     shape = t.shape
     strides = t.strides
     b0, b1 = st.base
-    if st.buffer in ONCHIP:
+    onchip = st.buffer in ONCHIP
+    if onchip:                                               # byte range within a partition: free dims only
         fs = st.free_size * st.flat.itemsize // isz          # elements per partition in the view's units
         p0 = off // fs
         lo = hi = off - p0 * fs
-        for k in range(1, len(shape)):
-            c = shape[k]
-            if c > 1:
-                d = (c - 1) * strides[k]
-                if d > 0:
-                    hi += d
-                else:
-                    lo += d
-        return (p0 + b0, shape[0], lo * isz + b1, (hi + 1) * isz + b1)
-    lo = hi = off
-    for c, s in zip(shape, strides):
+    else:
+        lo = hi = off
+    for k in range(1 if onchip else 0, len(shape)):
+        c = shape[k]
         if c > 1:
-            d = (c - 1) * s
+            d = (c - 1) * strides[k]
             if d > 0:
                 hi += d
             else:
                 lo += d
+    if onchip:
+        return (p0 + b0, shape[0], lo * isz + b1, (hi + 1) * isz + b1)
     return (0, 1, lo * isz + b1, (hi + 1) * isz + b1)
 
 
@@ -162,8 +158,8 @@ _new_tuple = tuple.__new__
 
 def emit(engine, op, operands, name=None):
     """Record an instruction; operands = [(role, tensor), ...] (None tensors skipped). Each Operand gets its
-    space, byte span (as ``span_of``, inlined: this is the interpreter's hot path) and access ("r"/"w"/"rw",
-    kernels.sim.trace.access_of). HBM bytes: writes for the written roles, reads for the others."""
+    space, byte span (``span_of``) and access ("r"/"w"/"rw", kernels.sim.trace.access_of). HBM bytes: writes
+    for the written roles, reads for the others."""
     if not _active:
         return
     r = w = 0
@@ -176,42 +172,9 @@ def emit(engine, op, operands, name=None):
         acc = ACCESS_BY_ROLE.get(role, "r")
         if rw_dst and role == "dst":
             acc = "rw"
-        shape = t.shape
-        strides = t.strides
-        isz = t._flat.itemsize
-        off = t.offset
-        b0, b1 = st.base
         buf = st.buffer
-        n = shape[0]
-        if buf in ONCHIP:
-            fs = st.free_size * st.flat.itemsize // isz
-            p0 = off // fs
-            lo = hi = off - p0 * fs
-            for k in range(1, len(shape)):
-                c = shape[k]
-                n *= c
-                if c > 1:
-                    d = (c - 1) * strides[k]
-                    if d > 0:
-                        hi += d
-                    else:
-                        lo += d
-            span = (p0 + b0, shape[0], lo * isz + b1, (hi + 1) * isz + b1)
-        else:
-            lo = hi = off
-            for k in range(len(shape)):
-                c = shape[k]
-                if k:
-                    n *= c
-                if c > 1:
-                    d = (c - 1) * strides[k]
-                    if d > 0:
-                        hi += d
-                    else:
-                        lo += d
-            span = (0, 1, lo * isz + b1, (hi + 1) * isz + b1)
-        nb = n * t.dtype.itemsize
-        recs.append(_new_tuple(Operand, (role, shape, _dt.name(t.dtype), buf, nb, st.space, span, acc)))
+        nb = t.nbytes
+        recs.append(_new_tuple(Operand, (role, t.shape, _dt.name(t.dtype), buf, nb, st.space, span_of(t), acc)))
         if buf in HBM:
             if acc == "r":
                 r += nb
@@ -231,7 +194,7 @@ def as_shape(values, shape):
 
 def store(dst, values):
     """Write fp32 (or integer) results into dst with the engine cast; clears PSUM matmul flags."""
-    dst.np[...] = _dt.cast(as_shape(values, dst.shape), dst.dtype)
+    dst._v[...] = _dt.cast(as_shape(values, dst.shape), dst.dtype)
     if dst._st.mm_written is not None:
         mm_flags(dst)[...] = False
 

@@ -5,36 +5,44 @@ computes the result with numpy (fp32 inside Vector/Scalar/GpSimd, fp32 PSUM accu
 round-to-nearest-even casts, and records one trace instruction. Semantics follow the official API docs
 (awsdocs-neuron nki/api/generated/nki.isa.*.html); the relevant rule is named in each error.
 """
-import enum
+import enum as _enum
 
-import numpy as np
+import numpy as _np
 
 from . import dtypes as _dt
 from . import ops as _ops
-from . import target
-from .engines import (fail, onchip, no_psum, same_partitions, same_free, same_tiles, scalar_or_column, emit, store,
-                      mm_flags, tensor as _tensor)
-from .tensor import NkiTensor
+from . import target as _target
+from .engines import (fail as _fail, onchip as _chk, no_psum as _no_psum, same_partitions as _same_p,
+                      same_free as _same_f, same_tiles as _tiles, scalar_or_column as _scalar_or_col, emit as _emit,
+                      store as _store, mm_flags as _mm_flags, tensor as _tensor)
+from .tensor import NkiTensor as _NkiTensor
+from .errors import ConstraintError as _ConstraintError, NkiValidationError as _NkiValidationError
+from .objects import NKIObject as _NKIObject
 
-_f32 = np.float32
+_f32 = _np.float32
+
+
+def _prod(shape):
+    n = 1
+    for x in shape:
+        n *= x
+    return n
 
 
 # ---------------------------------------------------------------------------------------------------------- enums
-class engine(enum.Enum):
-    unknown = "unknown"
-    tensor = "tensor"
-    vector = "vector"
-    scalar = "scalar"
-    gpsimd = "gpsimd"
-    sync = "sync"
-    dma = "dma"
+# Member values as the official stubs give them (aws-neuron-sdk nki/api/nki/isa/__init__.py); plain Enums.
+class engine(_enum.Enum):
+    """Neuron Device engines."""
+    unknown = 0
+    tensor = 1
+    scalar = 2
+    gpsimd = 3
+    dma = 4
+    vector = 5
+    sync = 6
 
 
-engine.activation = engine.scalar
-engine.pe = engine.tensor
-engine.act = engine.scalar
-engine.pool = engine.gpsimd
-# legacy (neuronxcc.nki.isa) engine constants, accepted for older kernel code
+# deprecated aliases kept by the official API ("deprecated: use engine.tensor")
 unknown_engine = engine.unknown
 tensor_engine = engine.tensor
 vector_engine = engine.vector
@@ -42,7 +50,8 @@ scalar_engine = engine.scalar
 gpsimd_engine = engine.gpsimd
 
 
-class reduce_cmd(enum.Enum):
+class reduce_cmd(_enum.Enum):
+    """Engine register reduce commands."""
     idle = 0
     reset = 1
     reduce = 2
@@ -50,49 +59,90 @@ class reduce_cmd(enum.Enum):
     load_reduce = 4
 
 
-class oob_mode(enum.Enum):
+class oob_mode(_enum.Enum):
+    """Out-of-bounds access mode."""
     error = 0
     skip = 1
 
 
-class dge_mode(enum.Enum):
+class dge_mode(_enum.Enum):
+    """Descriptor Generation Engine mode."""
     unknown = 0
-    none = 1
-    swdge = 2
-    hwdge = 3
+    swdge = 1
+    hwdge = 2
+    none = 3
 
 
-class matmul_perf_mode(enum.Enum):
+class matmul_perf_mode(_enum.Enum):
+    """Performance mode for matmul (the docs give no integer values)."""
     none = "none"
     double_row = "double_row"
-    double_row_gen3 = "double_row_gen3"
 
 
-class nc_version(enum.IntEnum):
+class nc_version(_enum.Enum):
+    """NeuronCore version."""
     gen2 = 2
     gen3 = 3
     gen4 = 4
 
 
+class dma_engine(_enum.Enum):
+    """DMA transfer engine of nisa.sendrecv (the docs give no integer values)."""
+    dma = "dma"
+    gpsimd_dma = "gpsimd_dma"
+
+
+# unshadowed names for function bodies whose parameters are called engine/dge_mode/oob_mode/reduce_cmd
+_ENG, _DGE, _OOB, _RC = engine, dge_mode, oob_mode, reduce_cmd
+
+NkiValidationError = _NkiValidationError
+
+
+class VirtualRegister(_NKIObject):
+    """A virtual engine register (``nisa.register_alloc``): holds one 32-bit integer. The interpreter executes
+    eagerly, so the register holds a concrete value (``register_load`` reads it from SBUF/HBM)."""
+
+    def __init__(self, state=None, frozen=False):
+        self._value = None if state is None else int(state)
+        self._frozen = bool(frozen)
+
+    def __repr__(self):
+        return f"VirtualRegister({self._value})"
+
+    def _get(self, where):
+        if self._value is None:
+            raise _ConstraintError(f"rule register.uninitialised: {where} reads a VirtualRegister that was never "
+                                   "written (register_alloc() without a value, no register_move/register_load)")
+        return self._value
+
+    def __index__(self):
+        return self._get("the kernel")
+
+    __int__ = __index__
+
+    def __bool__(self):
+        return self._get("the kernel") != 0
+
+
 def get_nc_version():
     """The target NeuronCore version (``NEURON_PLATFORM_TARGET_OVERRIDE``, default trn1 = gen2)."""
-    return nc_version(target.version())
+    return nc_version(_target.version())
 
 
 def _engine_name(e, default):
-    if e is None or e is engine.unknown or e == "unknown":
+    if e is None or e is engine.unknown:
         return default
     if isinstance(e, engine):
-        return e.value
-    return str(e)
+        return e.name
+    raise _ConstraintError(f"rule engine.type: engine={e!r} is not a nisa.engine member")
 
 
 # ------------------------------------------------------------------------------------------ per-launch state
 class _State:
     def __init__(self):
-        self.act_regs = np.zeros(128, _f32)       # ScalarE reduce registers (activation)
-        self.dve_regs = np.zeros(128, _f32)       # VectorE reduce registers (tensor_scalar_reduce)
-        self.rng = np.random.Generator(np.random.PCG64(0))
+        self.act_regs = _np.zeros(128, _f32)       # ScalarE reduce registers (activation)
+        self.dve_regs = _np.zeros(128, _f32)       # VectorE reduce registers (tensor_scalar_reduce)
+        self.rng = _np.random.Generator(_np.random.PCG64(0))
 
 
 _state = _State()
@@ -104,38 +154,178 @@ def _reset_state():
 
 
 # ---------------------------------------------------------------------------------------------------------- DMA
+def _dma_operand(t, I, role):
+    _tensor(t, I, role)
+    if t._st.buffer == "psum":
+        _fail("dma.psum", I, role, "is in PSUM; DMA cannot access PSUM (copy to SBUF with tensor_copy first)")
+    if t._st.buffer == "sbuf":
+        _chk(t, I, role, align=False)
+
+
+def _dma_options(I, priority, dge_mode, engine=None):
+    if priority is not None:
+        _target.require(4, I, "priority (DMA QoS)")
+    if dge_mode is _DGE.hwdge:
+        _target.require(3, I, "dge_mode=hwdge")
+    if engine is not None and engine is not _ENG.unknown:
+        if dge_mode is not _DGE.hwdge:
+            _fail("dma.engine", I, "engine", f"{engine.name}: an engine is only valid with dge_mode=hwdge")
+        if engine not in (_ENG.sync, _ENG.scalar):
+            _fail("dma.engine", I, "engine", f"{engine.name}: hwdge descriptors come from the sync or scalar "
+                  "engine")
+
+
+def _indirect_index(t, I, role, oob_mode):
+    """Flat element indices of a vector-indirect HBM view (``.ap(vector_offset=)``): dim ``d`` of the view takes
+    row ``idx[p]`` for its p-th entry. Returns (indices of t's shape, mask of in-bounds rows along d)."""
+    _, idx_t, d = t._ind
+    rows = idx_t._v.reshape(-1).astype(_np.int64)
+    shape, strides = t.shape, t.strides
+    rest = _np.zeros((), _np.int64)
+    for k, (n, st) in enumerate(zip(shape, strides)):
+        if k == d:
+            continue
+        ax = _np.arange(n, dtype=_np.int64) * st
+        rest = _np.add.outer(rest, ax) if rest.ndim else ax
+    # rows of the indexed tensor: the stride of dim d in elements
+    span = int(t._flat.size)
+    idx = t.offset + rows * strides[d]
+    lo = idx + sum(min(0, (n - 1) * st) for k, (n, st) in enumerate(zip(shape, strides)) if k != d)
+    hi = idx + sum(max(0, (n - 1) * st) for k, (n, st) in enumerate(zip(shape, strides)) if k != d)
+    ok = (rows >= 0) & (lo >= 0) & (hi < span)
+    if not ok.all() and oob_mode is not _OOB.skip:
+        bad = int(rows[~ok][0])
+        _fail("dma.oob", I, role, f"indirect row {bad} is out of bounds of {t.name!r} (oob_mode=error; pass "
+              "oob_mode=nisa.oob_mode.skip to skip such rows)")
+    full = _np.moveaxis(_np.add.outer(_np.where(ok, idx, 0), rest).reshape((shape[d],) + tuple(
+        n for k, n in enumerate(shape) if k != d)), 0, d)
+    return full, ok
+
+
+def _dma_move(I, dst, src, oob_mode):
+    """The element move of a DMA: ``dst = src`` (equal dtypes: bits; else src -> fp32 -> dst with RNE), through
+    vector-indirect views when either side has one."""
+    if dst.size != src.size:
+        _fail("dma.count", I, "dst", f"has {dst.size} elements {list(dst.shape)} but src has {src.size} "
+              f"{list(src.shape)}", src.size)
+    s_ind = src._ind is not None and src._ind[0] == "vector"
+    d_ind = dst._ind is not None and dst._ind[0] == "vector"
+    if not (s_ind or d_ind):
+        if dst.dtype == src.dtype:
+            v = src._v
+            dst._v[...] = v if v.shape == dst.shape else v.reshape(dst.shape)
+        else:
+            v = src._f32()
+            dst._v[...] = _dt.cast(v if v.shape == dst.shape else v.reshape(dst.shape), dst.dtype)
+        return
+    if s_ind:
+        gidx, ok = _indirect_index(src, I, "src", oob_mode)
+        vals = src._flat[gidx]
+    else:
+        vals = src._v
+    vals = vals.reshape(dst.shape) if vals.shape != dst.shape else vals
+    if dst.dtype != src.dtype:
+        vals = _dt.cast(vals.astype(_f32), dst.dtype)
+    if d_ind:
+        sidx, ok = _indirect_index(dst, I, "dst", oob_mode)
+        d = dst._ind[2]
+        keep = _np.moveaxis(_np.broadcast_to(ok.reshape((-1,) + (1,) * (dst.ndim - 1)),
+                                             (dst.shape[d],) + tuple(n for k, n in enumerate(dst.shape) if k != d)),
+                            0, d)
+        dst._flat[sidx[keep]] = _np.asarray(vals)[keep]
+    else:
+        if s_ind:
+            d = src._ind[2]
+            keep = _np.moveaxis(_np.broadcast_to(ok.reshape((-1,) + (1,) * (src.ndim - 1)),
+                                                 (src.shape[d],) + tuple(n for k, n in enumerate(src.shape)
+                                                                         if k != d)), 0, d).reshape(dst.shape)
+            dst._v[...] = _np.where(keep, vals, dst._v)
+        else:
+            dst._v[...] = vals
+
+
 def dma_copy(dst, src, priority=None, oob_mode=oob_mode.error, dge_mode=dge_mode.unknown, engine=engine.unknown,
              name=None):
     """dst = src between HBM and SBUF (never PSUM since NKI 0.3). Element counts must match; when dtypes differ the
-    value goes src -> fp32 -> dst (RNE); equal dtypes copy bits."""
+    value goes src -> fp32 -> dst (RNE); equal dtypes copy bits. Either side may be a vector-indirect HBM view
+    (``.ap(vector_offset=)``: gather/scatter rows; out-of-bounds rows raise, or are skipped with oob_mode.skip)."""
     I = "dma_copy"
+    _dma_operand(dst, I, "dst")
+    _dma_operand(src, I, "src")
+    _dma_options(I, priority, dge_mode, engine)
+    if dge_mode is _DGE.hwdge and dst.dtype != src.dtype:
+        _fail("dma.hwdge_dtype", I, "dst", "hwdge needs equal src/dst dtypes")
+    _dma_move(I, dst, src, oob_mode)
+    _emit("dma", I, (("dst", dst), ("src", src)), name)
+
+
+_DMA_T_AXES = {2: (1, 0), 3: (2, 1, 0), 4: (3, 1, 2, 0)}
+
+
+def dma_transpose(dst, src, axes=None, priority=None, dge_mode=dge_mode.unknown, oob_mode=oob_mode.error, name=None):
+    """dst = src permuted by ``axes`` ((1, 0), (2, 1, 0) or (3, 1, 2, 0), the rank's default) on a DMA engine.
+    dst in SBUF, src in HBM or SBUF, equal dtypes. Only ``dge_mode`` unknown/hwdge (direct) or swdge with a
+    vector-indirect src (indirect, NeuronCore-v3+); hwdge itself is v3+ and needs src.shape[0] in {1,2,4,8,16},
+    src.shape[-1] <= 128 and 2-byte dtypes (0.6 relaxations)."""
+    I = "dma_transpose"
     _tensor(dst, I, "dst")
     _tensor(src, I, "src")
-    for role, t in (("dst", dst), ("src", src)):
-        if t._st.buffer == "psum":
-            fail("dma.psum", I, role, "is in PSUM; dma_copy cannot access PSUM (copy to SBUF with tensor_copy "
-                 "first)")
-        if t._st.buffer == "sbuf":
-            onchip(t, I, role, align=False)
-    if dge_mode is not None and getattr(dge_mode, "name", "") == "hwdge":
-        target.require(3, I, "dge_mode=hwdge")
-        if dst.dtype != src.dtype:
-            fail("dma.hwdge_dtype", I, "dst", "hwdge needs equal src/dst dtypes")
-    if dst.size != src.size:
-        fail("dma.count", I, "dst", f"has {dst.size} elements {list(dst.shape)} but src has {src.size} "
-             f"{list(src.shape)}", src.size)
-    if dst.dtype == src.dtype:
-        v = src.np
-        dst.np[...] = v if v.shape == dst.shape else v.reshape(dst.shape)
+    _chk(dst, I, "dst", ("sbuf",), align=False)
+    _dma_operand(src, I, "src")
+    _dma_options(I, priority, dge_mode)
+    if dst.dtype != src.dtype:
+        _fail("dma_transpose.dtype", I, "dst", f"is {_dt.name(dst.dtype)}; src.dtype == dst.dtype is required "
+              f"({_dt.name(src.dtype)})")
+    indirect = src._ind is not None and src._ind[0] == "vector"
+    if indirect:
+        _target.require(3, I, "indirect transpose (vector_offset src)")
+        if dge_mode not in (_DGE.unknown, _DGE.swdge):
+            _fail("dma_transpose.dge_mode", I, "dge_mode", f"{dge_mode.name}: an indirect transpose uses swdge")
+    elif dge_mode not in (_DGE.unknown, _DGE.hwdge):
+        _fail("dma_transpose.dge_mode", I, "dge_mode", f"{dge_mode.name}: a direct transpose takes unknown or hwdge")
+    if dge_mode is _DGE.hwdge and (src.shape[0] not in (1, 2, 4, 8, 16) or src.shape[-1] > 128 or
+                                       src.dtype.itemsize != 2):
+        _fail("dma_transpose.hwdge", I, "src", f"{list(src.shape)} {_dt.name(src.dtype)}: hwdge needs src.shape[0] "
+              "in {1, 2, 4, 8, 16}, src.shape[-1] <= 128 and a 2-byte dtype")
+    want = _DMA_T_AXES.get(src.ndim)
+    ax = tuple(axes) if axes is not None else want
+    if want is None or ax != want:
+        _fail("dma_transpose.axes", I, "axes", f"{axes} for a {src.ndim}-d src; supported: (1, 0), (2, 1, 0), "
+              "(3, 1, 2, 0)")
+    out_shape = tuple(src.shape[a] for a in ax)
+    if _prod(dst.shape) != _prod(out_shape) or (dst.ndim == len(out_shape) and tuple(dst.shape) != out_shape):
+        _fail("dma_transpose.shape", I, "dst", f"shape {list(dst.shape)} must be {list(out_shape)}")
+    if indirect:
+        gidx, _ = _indirect_index(src, I, "src", oob_mode)
+        vals = src._flat[gidx]
     else:
-        v = src.read()
-        dst.np[...] = _dt.cast(v if v.shape == dst.shape else v.reshape(dst.shape), dst.dtype)
-    emit("dma", I, (("dst", dst), ("src", src)), name)
+        vals = src._v
+    dst._v[...] = _np.transpose(vals, ax).reshape(dst.shape)
+    _emit("dma", I, (("dst", dst), ("src", src)), name)
 
 
-def dma_transpose(dst, src, axes=None, dge_mode=dge_mode.unknown, name=None):
-    target.require(3, "dma_transpose")
-    raise NotImplementedError("dma_transpose is not simulated (NeuronCore-v3+ only)")
+def dma_compute(dst, srcs, reduce_op, scales=None, unique_indices=True, oob_mode=oob_mode.error, name=None):
+    """dst = reduce_op(srcs[0] * scales[0], srcs[1] * scales[1], ...) in fp32 inside the DMA engines (reduce_op
+    nl.add only, every scale 1.0, at most 16 sources of dst's element count, HBM or SBUF)."""
+    I = "dma_compute"
+    _dma_operand(dst, I, "dst")
+    red = _ops.binary(reduce_op, I, "reduce_op", allowed=("add",))
+    srcs = list(srcs)
+    if not 1 <= len(srcs) <= 16:
+        _fail("dma_compute.srcs", I, "srcs", f"has {len(srcs)} tensors", "1..16")
+    if scales is not None and (len(scales) != len(srcs) or any(float(x) != 1.0 for x in scales)):
+        _fail("dma_compute.scales", I, "scales", f"{list(scales)}: every scale must be 1.0 (one per src)")
+    if not unique_indices:
+        _fail("dma_compute.unique", I, "unique_indices", "False (non-unique indices) is not supported")
+    acc = None
+    for k, t in enumerate(srcs):
+        _dma_operand(t, I, f"srcs[{k}]")
+        if t.size != dst.size:
+            _fail("dma.count", I, f"srcs[{k}]", f"has {t.size} elements; dst has {dst.size}", dst.size)
+        v = t._f32().reshape(dst.shape)
+        acc = v.astype(_f32, copy=True) if acc is None else red.fn(acc, v)
+    dst._v[...] = _dt.cast(acc, dst.dtype)
+    _emit("dma", I, [("dst", dst)] + [(f"srcs[{k}]", t) for k, t in enumerate(srcs)], name)
 
 
 # ---------------------------------------------------------------------------------------------- Tensor engine
@@ -147,32 +337,32 @@ def nc_matmul(dst, stationary, moving, is_stationary_onezero=False, is_moving_on
     hardware UB); None overwrites elements not yet written by a matmul since they were allocated (or last written
     by another instruction) and accumulates onto the others."""
     I = "nc_matmul"
-    k, _, m = onchip(stationary, I, "stationary", ("sbuf",))
-    k2, _, n = onchip(moving, I, "moving", ("sbuf",))
-    mp, _, nd = onchip(dst, I, "dst", ("psum",))
+    k, _, m = _chk(stationary, I, "stationary", ("sbuf",))
+    k2, _, n = _chk(moving, I, "moving", ("sbuf",))
+    mp, _, nd = _chk(dst, I, "dst", ("psum",))
     if k != k2:
-        fail("matmul.contraction", I, "moving", f"partition (contraction) size {k2} differs from stationary's {k}", k)
+        _fail("matmul.contraction", I, "moving", f"partition (contraction) size {k2} differs from stationary's {k}", k)
     if m > 128:
-        fail("matmul.stationary_free", I, "stationary", f"free size {m} exceeds 128", 128)
+        _fail("matmul.stationary_free", I, "stationary", f"free size {m} exceeds 128", 128)
     if n > 512:
-        fail("matmul.moving_free", I, "moving", f"free size {n} exceeds 512", 512)
+        _fail("matmul.moving_free", I, "moving", f"free size {n} exceeds 512", 512)
     if mp != m or nd != n:
-        fail("matmul.dst_shape", I, "dst", f"shape {list(dst.shape)} must be [{m}, {n}] (stationary free x moving "
+        _fail("matmul.dst_shape", I, "dst", f"shape {list(dst.shape)} must be [{m}, {n}] (stationary free x moving "
              f"free)")
-    v = target.version()
+    v = _target.version()
     if dst.dtype != _dt.float32 or _dt.is_tf32(dst.dtype):
         if v == 2 or dst.dtype != _dt.bfloat16:
-            fail("matmul.dst_dtype", I, "dst", f"is {_dt.name(dst.dtype)}; nc_matmul dst dtype must be float32 on "
+            _fail("matmul.dst_dtype", I, "dst", f"is {_dt.name(dst.dtype)}; nc_matmul dst dtype must be float32 on "
                  f"gen2" + ("" if v == 2 else " (bfloat16 allowed on gen3+)"), "float32")
     allowed = (_dt.float32, _dt.bfloat16, _dt.float16, _dt.float8_e4m3, _dt.float8_e5m2, _dt.float8_e4m3fn)
     for role, t in (("stationary", stationary), ("moving", moving)):
         if t.dtype not in allowed:
-            fail("matmul.dtype", I, role, f"dtype {_dt.name(t.dtype)} is not a matmul input type (fp8/bf16/fp16/"
+            _fail("matmul.dtype", I, role, f"dtype {_dt.name(t.dtype)} is not a matmul input type (fp8/bf16/fp16/"
                  f"tf32/fp32)")
     f32s = stationary.dtype == _dt.float32
     f32m = moving.dtype == _dt.float32
     if f32s != f32m:
-        fail("matmul.fp32_pair", I, "moving" if f32s else "stationary", "fp32/tf32 operands must be paired (both "
+        _fail("matmul.fp32_pair", I, "moving" if f32s else "stationary", "fp32/tf32 operands must be paired (both "
              f"fp32/tf32): stationary {_dt.name(stationary.dtype)}, moving {_dt.name(moving.dtype)}")
     # dst must stay within one 2 KiB PSUM bank per partition
     st = dst._st
@@ -181,22 +371,22 @@ def nc_matmul(dst, stationary, moving, is_stationary_onezero=False, is_moving_on
     lo = dst.offset % fs
     hi = lo + sum((c - 1) * s for c, s in zip(dst.shape[1:], dst.strides[1:]))
     if (lo * isz) // 2048 != (hi * isz + isz - 1) // 2048:
-        fail("matmul.psum_bank", I, "dst", f"spans PSUM bytes {lo * isz}..{hi * isz + isz - 1} of each partition, "
+        _fail("matmul.psum_bank", I, "dst", f"spans PSUM bytes {lo * isz}..{hi * isz + isz - 1} of each partition, "
              f"crossing a 2 KiB bank boundary", "one 2048-byte bank")
     if perf_mode is not None and perf_mode is not matmul_perf_mode.none and perf_mode != "none":
-        target.require(3, I, "perf_mode")
+        _target.require(3, I, "perf_mode")
     if tile_size:
         if v == 2 and (32 in tuple(tile_size)):
-            fail("matmul.tile_size", I, "tile_size", f"{tile_size}: tiles of 32 are not supported on NeuronCore-v2",
+            _fail("matmul.tile_size", I, "tile_size", f"{tile_size}: tiles of 32 are not supported on NeuronCore-v2",
                  "64 or 128")
-    s = stationary.read().reshape(k, m)
-    mv = moving.read().reshape(k, n)
-    res = np.matmul(s.T, mv).reshape(dst.shape)
-    flags = mm_flags(dst)
-    out = dst.np
+    s = stationary._f32().reshape(k, m)
+    mv = moving._f32().reshape(k, n)
+    res = _np.matmul(s.T, mv).reshape(dst.shape)
+    flags = _mm_flags(dst)
+    out = dst._v
     if accumulate is True:
         if not flags.all():
-            fail("matmul.accumulate", I, "dst", "accumulate=True into PSUM elements not written by a matmul "
+            _fail("matmul.accumulate", I, "dst", "accumulate=True into PSUM elements not written by a matmul "
                  "(uninitialised or written by another engine): undefined on hardware")
         out[...] = (out.astype(_f32) + res) if out.dtype != _f32 else out + res
     elif accumulate is False:
@@ -207,65 +397,65 @@ def nc_matmul(dst, stationary, moving, is_stationary_onezero=False, is_moving_on
         elif not flags.any():
             out[...] = _dt.cast(res, dst.dtype)
         else:
-            out[...] = _dt.cast(np.where(flags, out.astype(_f32) + res, res), dst.dtype)
+            out[...] = _dt.cast(_np.where(flags, out.astype(_f32) + res, res), dst.dtype)
     flags[...] = True
-    emit("tensor", I, (("dst", dst), ("stationary", stationary), ("moving", moving)), name)
+    _emit("tensor", I, (("dst", dst), ("stationary", stationary), ("moving", moving)), name)
 
 
 def nc_transpose(dst, data, engine=engine.unknown, name=None):
-    """dst[F, P] = data[P, F] (free dims flattened). Tensor engine: data SBUF <= [128,128] -> dst PSUM (dst dtype
-    equal to data's, or fp32 as official gen2 kernels use). Vector engine: <= [32,32], SBUF/PSUM."""
+    """dst[F, P] = data[P, F] (free dims flattened). Tensor engine: data SBUF <= [128,128] -> dst PSUM; Vector
+    engine: <= [32,32], SBUF/PSUM. "The output dst tile must have the same data type as that of data"
+    (nki.isa.nc_transpose)."""
     I = "nc_transpose"
     _tensor(dst, I, "dst")
     _tensor(data, I, "data")
-    eng = _engine_name(engine, "tensor" if (dst.buffer == "psum" and data.buffer == "sbuf") else "vector")
+    eng = _engine_name(engine, "tensor" if (dst._st.buffer == "psum" and data._st.buffer == "sbuf") else "vector")
     if eng == "tensor":
-        p, _, f = onchip(data, I, "data", ("sbuf",))
-        pd, _, fd = onchip(dst, I, "dst", ("psum",))
+        p, _, f = _chk(data, I, "data", ("sbuf",))
+        pd, _, fd = _chk(dst, I, "dst", ("psum",))
         lim = 128
-        if dst.dtype != data.dtype and dst.dtype != _dt.float32:
-            fail("transpose.dtype", I, "dst", f"is {_dt.name(dst.dtype)}; must equal data's "
-                 f"{_dt.name(data.dtype)} (or float32 PSUM)")
+        if dst.dtype != data.dtype:
+            _fail("transpose.dtype", I, "dst", f"is {_dt.name(dst.dtype)}; must equal data's {_dt.name(data.dtype)}")
     elif eng == "vector":
-        p, _, f = onchip(data, I, "data")
-        pd, _, fd = onchip(dst, I, "dst")
+        p, _, f = _chk(data, I, "data")
+        pd, _, fd = _chk(dst, I, "dst")
         lim = 32
         if dst.dtype != data.dtype:
-            fail("transpose.dtype", I, "dst", f"is {_dt.name(dst.dtype)}; must equal data's {_dt.name(data.dtype)}")
+            _fail("transpose.dtype", I, "dst", f"is {_dt.name(dst.dtype)}; must equal data's {_dt.name(data.dtype)}")
     else:
-        fail("engine", I, "engine", f"{eng} cannot transpose; use the tensor or vector engine")
+        _fail("engine", I, "engine", f"{eng} cannot transpose; use the tensor or vector engine")
     if p > lim or f > lim:
-        fail("transpose.size", I, "data", f"is [{p}, {f}]; the {eng} engine transposes at most [{lim}, {lim}]",
+        _fail("transpose.size", I, "data", f"is [{p}, {f}]; the {eng} engine transposes at most [{lim}, {lim}]",
              f"[{lim}, {lim}]")
     if pd != f or fd != p:
-        fail("transpose.shape", I, "dst", f"shape {list(dst.shape)} must be [{f}, {p}]")
+        _fail("transpose.shape", I, "dst", f"shape {list(dst.shape)} must be [{f}, {p}]")
     if dst.dtype == data.dtype and eng == "vector":
-        dst.np[...] = data.np.reshape(p, f).T.reshape(dst.shape)
+        dst._v[...] = data._v.reshape(p, f).T.reshape(dst.shape)
         if dst._st.mm_written is not None:
-            mm_flags(dst)[...] = False
+            _mm_flags(dst)[...] = False
     else:
-        store(dst, data.read().reshape(p, f).T)   # a complete write: a later accumulate=None matmul overwrites it
-    emit(eng, I, (("dst", dst), ("data", data)), name)
+        _store(dst, data._f32().reshape(p, f).T)   # a complete write: a later accumulate=None matmul overwrites it
+    _emit(eng, I, (("dst", dst), ("data", data)), name)
 
 
 # ---------------------------------------------------------------------------------------------- Scalar engine
 def _bias_scale(I, p, bias, scale):
     b = None
     if bias is not None:
-        if isinstance(bias, NkiTensor):
-            pb, _, nb = onchip(bias, I, "bias")
+        if isinstance(bias, _NkiTensor):
+            pb, _, nb = _chk(bias, I, "bias")
             if nb != 1:
-                fail("activation.bias", I, "bias", f"is {list(bias.shape)}; must be a [P,1] tile", "[P,1]")
-            same_partitions(I, "data", p, "bias", pb)
+                _fail("activation.bias", I, "bias", f"is {list(bias.shape)}; must be a [P,1] tile", "[P,1]")
+            _same_p(I, "data", p, "bias", pb)
             if _dt.is_tf32(bias.dtype):
-                fail("activation.bias", I, "bias", "dtype tfloat32 is not allowed")
-            b = bias.read().reshape(pb, 1)
+                _fail("activation.bias", I, "bias", "dtype tfloat32 is not allowed")
+            b = bias._f32().reshape(pb, 1)
         else:
-            if target.version() == 2:
-                fail("activation.bias", I, "bias", f"is the scalar {bias!r}; on NeuronCore-v2 bias must be a [P,1] "
+            if _target.version() == 2:
+                _fail("activation.bias", I, "bias", f"is the scalar {bias!r}; on NeuronCore-v2 bias must be a [P,1] "
                      "tile", "[P,1] tile")
             b = float(bias)
-    sc = scalar_or_column(scale, I, "scale", p)
+    sc = _scalar_or_col(scale, I, "scale", p)
     return b, sc
 
 
@@ -280,7 +470,10 @@ def _apply_reduce_regs(regs, pstart, p, cmd, red_op, partial, I, reduce_init=Non
     if cmd in (reduce_cmd.reduce, reduce_cmd.reset_reduce):
         regs[pstart:pstart + p] = red_op.fn(regs[pstart:pstart + p], partial)
     elif cmd is reduce_cmd.load_reduce:
-        fail("reduce_cmd", I, "reduce_cmd", "load_reduce is not supported by the interpreter")
+        _fail("reduce_cmd", I, "reduce_cmd", "load_reduce is not supported by the interpreter")
+
+
+_ACT_FUNCTIONS = _ops.OP_RULES["activation"]
 
 
 def activation(dst, op, data, bias=None, scale=1.0, reduce_op=None, reduce_res=None, reduce_cmd=reduce_cmd.idle,
@@ -293,30 +486,30 @@ def activation(dst, op, data, bias=None, scale=1.0, reduce_op=None, reduce_res=N
 
 
 def _activation(I, dst, op, data, bias, scale, reduce_op, reduce_res, cmd, name):
-    fn = _ops.unary(op, I)
-    p, pstart, n = same_tiles(I, ("data", data), ("dst", dst))
+    fn = _ops.unary(op, I, allowed=_ACT_FUNCTIONS)
+    p, pstart, n = _tiles(I, ("data", data), ("dst", dst))
     b, sc = _bias_scale(I, p, bias, scale)
-    if fn.name == "reciprocal" and bias is not None and target.version() == 2:
-        fail("activation.bias", I, "bias", "activation(op=reciprocal) does not support bias on NeuronCore-v2")
+    if fn.name == "reciprocal" and bias is not None and _target.version() == 2:
+        _fail("activation.bias", I, "bias", "activation(op=reciprocal) does not support bias on NeuronCore-v2")
     if cmd is None:
         cmd = reduce_cmd.idle
     red = None
     uses_reduce = cmd in (reduce_cmd.reduce, reduce_cmd.reset_reduce)
     if uses_reduce or reduce_op is not None:
         if reduce_op is None:
-            fail("activation.reduce_op", I, "reduce_op", f"is required with reduce_cmd={cmd.name}")
+            _fail("activation.reduce_op", I, "reduce_op", f"is required with reduce_cmd={cmd.name}")
         red = _ops.binary(reduce_op, I, "reduce_op")
-        if red.name != "add" and target.version() == 2:
-            fail("activation.reduce_op", I, "reduce_op", f"is {red.name}; only add is supported on NeuronCore-v2",
+        if red.name != "add" and _target.version() == 2:
+            _fail("activation.reduce_op", I, "reduce_op", f"is {red.name}; only add is supported on NeuronCore-v2",
                  "add")
     if cmd is reduce_cmd.load_reduce:
-        fail("reduce_cmd", I, "reduce_cmd", "load_reduce is not supported by activation in the interpreter")
+        _fail("reduce_cmd", I, "reduce_cmd", "load_reduce is not supported by activation in the interpreter")
     if reduce_res is not None:
-        pr, _, nr = onchip(reduce_res, I, "reduce_res")
-        same_partitions(I, "data", p, "reduce_res", pr)
+        pr, _, nr = _chk(reduce_res, I, "reduce_res")
+        _same_p(I, "data", p, "reduce_res", pr)
         if nr != 1:
-            fail("activation.reduce_res", I, "reduce_res", f"is {list(reduce_res.shape)}; must be [P,1]", "[P,1]")
-    x = data.read()
+            _fail("activation.reduce_res", I, "reduce_res", f"is {list(reduce_res.shape)}; must be [P,1]", "[P,1]")
+    x = data._f32()
     if x.ndim != 2:
         x = x.reshape(p, n)
     if sc != 1.0 if isinstance(sc, float) else True:
@@ -324,13 +517,13 @@ def _activation(I, dst, op, data, bias, scale, reduce_op, reduce_res, cmd, name)
     if b is not None:
         x = x + b
     y = fn.unary(x)
-    store(dst, y)
+    _store(dst, y)
     partial = red.reduce(y, -1) if (uses_reduce and red is not None) else None
     _apply_reduce_regs(_state.act_regs, pstart, p, cmd, red, partial, I)
     if reduce_res is not None:
-        store(reduce_res, _state.act_regs[pstart:pstart + p].reshape(p, 1))
-    emit("scalar", I, (("dst", dst), ("data", data), ("bias", bias if isinstance(bias, NkiTensor) else None),
-                       ("scale", scale if isinstance(scale, NkiTensor) else None), ("reduce_res", reduce_res)), name)
+        _store(reduce_res, _state.act_regs[pstart:pstart + p].reshape(p, 1))
+    _emit("scalar", I, (("dst", dst), ("data", data), ("bias", bias if isinstance(bias, _NkiTensor) else None),
+                       ("scale", scale if isinstance(scale, _NkiTensor) else None), ("reduce_res", reduce_res)), name)
 
 
 def activation_reduce(dst, op, data, reduce_op, reduce_res, bias=None, scale=1.0, name=None):
@@ -340,8 +533,13 @@ def activation_reduce(dst, op, data, reduce_op, reduce_res, bias=None, scale=1.0
 
 
 # ---------------------------------------------------------------------------------------------- Vector engine
-def _int_values(t):
-    return t.np.astype(np.int64)
+def _int_values(t, logical=False):
+    """Integer element values as int64; ``logical`` reads the unsigned bit pattern (nl.right_shift is a logical
+    shift: "arithmetic shift right is not supported" in the nki-aluop table)."""
+    v = t._v
+    if logical and v.dtype.kind == "i":
+        v = v.view(_np.dtype(f"u{v.dtype.itemsize}"))
+    return v.astype(_np.int64)
 
 
 def tensor_tensor(dst, data1, data2, op, engine=engine.unknown, name=None):
@@ -349,51 +547,54 @@ def tensor_tensor(dst, data1, data2, op, engine=engine.unknown, name=None):
     (int32/uint32) operations run on GpSimd with exact integer math (SBUF only)."""
     I = "tensor_tensor"
     opd = _ops.binary(op, I)
-    same_tiles(I, ("data1", data1), ("data2", data2), ("dst", dst))
+    _tiles(I, ("data1", data1), ("data2", data2), ("dst", dst))
     if data1._st.buffer == "psum" and data2._st.buffer == "psum":
-        fail("tensor_tensor.psum", I, "data2", "and data1 are both in PSUM; at most one input may be in PSUM")
+        _fail("tensor_tensor.psum", I, "data2", "and data1 are both in PSUM; at most one input may be in PSUM")
     ints = data1.dtype.kind in "iu" and data2.dtype.kind in "iu" and dst.dtype.kind in "iu"
     int32ish = ints and (data1.dtype.itemsize == 4 or data2.dtype.itemsize == 4 or dst.dtype.itemsize == 4)
-    default = "gpsimd" if (opd.name == "power" or int32ish) else "vector"
+    # "the automatic GpSimd dispatch for int32/uint32 falls back to Vector Engine when any operand resides in
+    # PSUM" (nki.isa.tensor_tensor)
+    in_psum = "psum" in (data1._st.buffer, data2._st.buffer, dst._st.buffer)
+    default = "gpsimd" if (opd.name == "power" or (int32ish and not in_psum)) else "vector"
     eng = _engine_name(engine, default)
     if eng not in ("vector", "gpsimd"):
-        fail("engine", I, "engine", f"{eng}: tensor_tensor runs on the Vector or GpSimd engine")
+        _fail("engine", I, "engine", f"{eng}: tensor_tensor runs on the Vector or GpSimd engine")
     if eng == "gpsimd":
         for role, t in (("dst", dst), ("data1", data1), ("data2", data2)):
-            no_psum(t, I, role, "GpSimd")
+            _no_psum(t, I, role, "GpSimd")
     if opd.kind == "bitvec" or (eng == "gpsimd" and ints):
         if not ints:
-            fail("op.bitvec", I, "data1", f"bitwise op {opd.name} needs integer operands, got "
+            _fail("op.bitvec", I, "data1", f"bitwise op {opd.name} needs integer operands, got "
                  f"{_dt.name(data1.dtype)}/{_dt.name(data2.dtype)} -> {_dt.name(dst.dtype)}")
-        a = _int_values(data1)
+        a = _int_values(data1, opd.name == "right_shift")
         b = _int_values(data2)
         if b.shape != a.shape:
             b = b.reshape(a.shape)
-        with np.errstate(all="ignore"):
+        with _np.errstate(all="ignore"):
             r = opd.fn(a, b)
-        r = np.asarray(r)
+        r = _np.asarray(r)
         if r.dtype.kind == "f":
-            store(dst, r)
+            _store(dst, r)
         else:
-            dst.np[...] = r.reshape(dst.shape).astype(dst.dtype)   # two's-complement wrap like integer ALUs
+            dst._v[...] = r.reshape(dst.shape).astype(dst.dtype)   # two's-complement wrap like integer ALUs
             if dst._st.mm_written is not None:
-                mm_flags(dst)[...] = False
+                _mm_flags(dst)[...] = False
     else:
-        a = data1.read()
-        b = data2.read()
+        a = data1._f32()
+        b = data2._f32()
         if b.shape != a.shape:
             b = b.reshape(a.shape)
-        with np.errstate(all="ignore"):
-            store(dst, opd.fn(a, b))
-    emit(eng, I, (("dst", dst), ("data1", data1), ("data2", data2)), name)
+        with _np.errstate(all="ignore"):
+            _store(dst, opd.fn(a, b))
+    _emit(eng, I, (("dst", dst), ("data1", data1), ("data2", data2)), name)
 
 
 def _scalar_op(opd, x, operand, reverse):
-    with np.errstate(all="ignore"):
+    with _np.errstate(all="ignore"):
         if opd.kind == "bitvec":
-            o = operand.astype(np.int64) if isinstance(operand, np.ndarray) else int(operand)
+            o = operand.astype(_np.int64) if isinstance(operand, _np.ndarray) else int(operand)
             return opd.fn(o, x) if reverse else opd.fn(x, o)
-        o = operand if isinstance(operand, np.ndarray) else _f32(operand)
+        o = operand if isinstance(operand, _np.ndarray) else _f32(operand)
         return opd.fn(o, x) if reverse else opd.fn(x, o)
 
 
@@ -402,47 +603,53 @@ def tensor_scalar(dst, data, op0, operand0, reverse0=False, op1=None, operand1=N
     """dst = (data <op0> operand0) <op1> operand1 with operands Python scalars or [P,1] fp32 tiles broadcast along
     the free dims (reverse swaps the operand order). Both ops arithmetic or both bitvec."""
     I = "tensor_scalar"
-    o0 = _ops.binary(op0, I, "op0")
+    unary0 = isinstance(op0, _ops.Op) and op0.fn is None and op0.unary is not None
+    if unary0:
+        o0 = _ops.unary(op0, I, "op0", allowed=_ops.OP_RULES["tensor_scalar.unary"])
+        if operand0 is not None and not (isinstance(operand0, (int, float)) and operand0 == 0):
+            _fail("tensor_scalar.unary", I, "operand0", f"must be None or 0 when op0 is the unary nl.{o0.name}")
+    else:
+        o0 = _ops.binary(op0, I, "op0")
     o1 = _ops.binary(op1, I, "op1") if op1 is not None else None
-    p, _, n = same_tiles(I, ("data", data), ("dst", dst))
+    p, _, n = _tiles(I, ("data", data), ("dst", dst))
     bit0 = o0.kind == "bitvec"
     if o1 is not None and (o1.kind == "bitvec") != bit0:
-        fail("tensor_scalar.op_class", I, "op1", f"{o1.name} and op0 {o0.name} must both be arithmetic or both "
+        _fail("tensor_scalar.op_class", I, "op1", f"{o1.name} and op0 {o0.name} must both be arithmetic or both "
              "bitvec")
     eng = _engine_name(engine, "vector")
     if bit0 and eng != "vector":
-        fail("engine", I, "engine", f"{eng}: bitvec operators run on the Vector engine only", "vector")
+        _fail("engine", I, "engine", f"{eng}: bitvec operators run on the Vector engine only", "vector")
     if eng == "gpsimd":
-        no_psum(data, I, "data", "GpSimd")
-        no_psum(dst, I, "dst", "GpSimd")
+        _no_psum(data, I, "data", "GpSimd")
+        _no_psum(dst, I, "dst", "GpSimd")
     elif eng == "scalar":
         pair = (o0.name, o1.name if o1 else None)
         if pair not in (("multiply", "add"), ("multiply", None), ("add", None)):
-            fail("engine", I, "engine", f"the Scalar engine supports only (multiply, add), (multiply,), (add,); got "
+            _fail("engine", I, "engine", f"the Scalar engine supports only (multiply, add), (multiply,), (add,); got "
                  f"{pair}")
     elif eng != "vector":
-        fail("engine", I, "engine", f"{eng} cannot run tensor_scalar")
-    v0 = scalar_or_column(operand0, I, "operand0", p, fp32_tile=not bit0)
-    v1 = scalar_or_column(operand1, I, "operand1", p, fp32_tile=not bit0) if o1 is not None else None
+        _fail("engine", I, "engine", f"{eng} cannot run tensor_scalar")
+    v0 = None if unary0 else _scalar_or_col(operand0, I, "operand0", p, fp32_tile=not bit0)
+    v1 = _scalar_or_col(operand1, I, "operand1", p, fp32_tile=not bit0) if o1 is not None else None
     if bit0:
         if data.dtype.kind not in "iu" or dst.dtype.kind not in "iu":
-            fail("op.bitvec", I, "data", f"bitvec op {o0.name} needs integer data/dst, got "
+            _fail("op.bitvec", I, "data", f"bitvec op {o0.name} needs integer data/dst, got "
                  f"{_dt.name(data.dtype)} -> {_dt.name(dst.dtype)}")
-        x = _int_values(data).reshape(p, n)
+        x = _int_values(data, o0.name == "right_shift").reshape(p, n)
     else:
-        x = data.read()
+        x = data._f32()
         if x.ndim != 2:
             x = x.reshape(p, n)
-    y = _scalar_op(o0, x, v0, reverse0)
+    y = o0.unary(x) if unary0 else _scalar_op(o0, x, v0, reverse0)
     if o1 is not None:
         y = _scalar_op(o1, y, v1, reverse1)
     if bit0:
-        dst.np[...] = y.reshape(dst.shape).astype(dst.dtype)
+        dst._v[...] = y.reshape(dst.shape).astype(dst.dtype)
     else:
-        store(dst, y)
-    emit(eng, I, (("dst", dst), ("data", data),
-                  ("operand0", operand0 if isinstance(operand0, NkiTensor) else None),
-                  ("operand1", operand1 if isinstance(operand1, NkiTensor) else None)), name)
+        _store(dst, y)
+    _emit(eng, I, (("dst", dst), ("data", data),
+                  ("operand0", operand0 if isinstance(operand0, _NkiTensor) else None),
+                  ("operand1", operand1 if isinstance(operand1, _NkiTensor) else None)), name)
 
 
 def scalar_tensor_tensor(dst, data, op0, operand0, op1, operand1, reverse0=False, reverse1=False, name=None):
@@ -450,19 +657,19 @@ def scalar_tensor_tensor(dst, data, op0, operand0, op1, operand1, reverse0=False
     I = "scalar_tensor_tensor"
     o0 = _ops.binary(op0, I, "op0")
     o1 = _ops.binary(op1, I, "op1")
-    p, _, n = same_tiles(I, ("data", data), ("dst", dst), ("operand1", operand1))
+    p, _, n = _tiles(I, ("data", data), ("dst", dst), ("operand1", operand1))
     if data._st.buffer == "psum" and operand1._st.buffer == "psum":
-        fail("scalar_tensor_tensor.psum", I, "operand1", "and data are both in PSUM; at most one may be")
+        _fail("scalar_tensor_tensor.psum", I, "operand1", "and data are both in PSUM; at most one may be")
     if o0.kind == "bitvec" or o1.kind == "bitvec":
-        fail("op.bitvec", I, "op0", "bitvec ops are not supported by scalar_tensor_tensor in the interpreter")
-    v0 = scalar_or_column(operand0, I, "operand0", p, fp32_tile=False)   # dtype not restricted by the docs
-    x = data.read().reshape(p, n)
+        _fail("op.bitvec", I, "op0", "bitvec ops are not supported by scalar_tensor_tensor in the interpreter")
+    v0 = _scalar_or_col(operand0, I, "operand0", p, fp32_tile=False)   # dtype not restricted by the docs
+    x = data._f32().reshape(p, n)
     y = _scalar_op(o0, x, v0, reverse0)
-    t = operand1.read().reshape(p, n)
-    with np.errstate(all="ignore"):
+    t = operand1._f32().reshape(p, n)
+    with _np.errstate(all="ignore"):
         y = o1.fn(t, y) if reverse1 else o1.fn(y, t)
-    store(dst, y)
-    emit("vector", I, (("dst", dst), ("data", data), ("operand0", operand0 if isinstance(operand0, NkiTensor)
+    _store(dst, y)
+    _emit("vector", I, (("dst", dst), ("data", data), ("operand0", operand0 if isinstance(operand0, _NkiTensor)
                                                                      else None), ("operand1", operand1)), name)
 
 
@@ -472,9 +679,9 @@ def _reduce_axes(I, data, axis):
     else:
         axes = [int(axis) % data.ndim]
     if not axes or axes[0] == 0:
-        fail("reduce.axis", I, "axis", f"{axis} includes the partition dim 0; reductions run along free dims only")
+        _fail("reduce.axis", I, "axis", f"{axis} includes the partition dim 0; reductions run along free dims only")
     if axes != list(range(axes[0], data.ndim)):
-        fail("reduce.axis", I, "axis", f"{axis} must be the last contiguous free dims of {list(data.shape)} "
+        _fail("reduce.axis", I, "axis", f"{axis} must be the last contiguous free dims of {list(data.shape)} "
              f"(e.g. ({data.ndim - 1},) or ({data.ndim - 2}, {data.ndim - 1}))")
     return axes
 
@@ -482,18 +689,18 @@ def _reduce_axes(I, data, axis):
 def tensor_reduce(dst, op, data, axis, negate=False, keepdims=False, name=None):
     """dst = reduce_op over the trailing free ``axis`` dims of data (fp32); negate multiplies by -1."""
     I = "tensor_reduce"
-    opd = _ops.binary(op, I)
+    opd = _ops.binary(op, I, allowed=_ops.OP_RULES["tensor_reduce"])
     if opd.reduce is None:
-        fail("reduce.op", I, "op", f"{opd.name} is not a legal reduction (add, subtract, multiply, maximum, minimum, "
+        _fail("reduce.op", I, "op", f"{opd.name} is not a legal reduction (add, subtract, multiply, maximum, minimum, "
              "bitwise/logical and/or/xor)")
-    p, _, n = onchip(data, I, "data")
-    pd, _, nd = onchip(dst, I, "dst")
-    same_partitions(I, "data", p, "dst", pd)
+    p, _, n = _chk(data, I, "data")
+    pd, _, nd = _chk(dst, I, "dst")
+    _same_p(I, "data", p, "dst", pd)
     axes = _reduce_axes(I, data, axis)
     kept = 1
     for a in range(1, axes[0]):
         kept *= data.shape[a]
-    same_free(I, "reduced data", kept, "dst", nd)
+    _same_f(I, "reduced data", kept, "dst", nd)
     r = 1
     for a in axes:
         r *= data.shape[a]
@@ -502,125 +709,117 @@ def tensor_reduce(dst, op, data, axis, negate=False, keepdims=False, name=None):
         y = opd.reduce(x, -1)
         if negate:
             y = -y
-        dst.np[...] = y.reshape(dst.shape).astype(dst.dtype)
+        dst._v[...] = y.reshape(dst.shape).astype(dst.dtype)
     else:
-        x = data.read().reshape(p, kept, r)
-        with np.errstate(all="ignore"):
+        x = data._f32().reshape(p, kept, r)
+        with _np.errstate(all="ignore"):
             y = opd.reduce(x, -1)
         if negate:
             y = -y
-        store(dst, y)
-    emit("vector", I, (("dst", dst), ("data", data)), name)
+        _store(dst, y)
+    _emit("vector", I, (("dst", dst), ("data", data)), name)
 
 
 def tensor_scalar_reduce(dst, data, op0, operand0, reduce_op, reduce_res=None, reverse0=False,
-                         reduce_cmd=reduce_cmd.reset_reduce, reduce_init=None, reduce_res_negate=False, name=None):
-    """dst = data <op0> operand0 (one arithmetic op), plus a reduction (add/subtract/multiply/max/min) over all
-    free dims. reduce_cmd drives the Vector engine's 128 accumulator registers: reset_reduce (default) resets them
-    to the op's identity (0 for add/subtract, 1 for multiply, -inf/+inf for max/min) then accumulates, reduce keeps
-    accumulating, load_reduce loads ``reduce_init`` (scalar or [P,1]) then accumulates, reset only resets; reduce_res
-    [P,1] receives the registers (negated if reduce_res_negate). With idle, reduce_res receives this instruction's
-    reduction alone."""
+                         reduce_cmd=reduce_cmd.reset_reduce, reduce_init=None, name=None):
+    """dst = data <op0> operand0 (one arithmetic op), plus a reduction over all free dims into the Vector engine's
+    128 accumulator registers (reduce_op nl.add/multiply/maximum/minimum, or the documented nl.max/nl.min):
+    reset_reduce (default) resets them to the op's identity then accumulates, reduce keeps accumulating,
+    load_reduce loads ``reduce_init`` (scalar or [P,1]) then accumulates. ``reduce_res`` [P,1] (optional since
+    0.6) receives the registers."""
     I = "tensor_scalar_reduce"
     o0 = _ops.binary(op0, I, "op0")
     if o0.kind == "bitvec":
-        fail("op.bitvec", I, "op0", f"{o0.name}: tensor_scalar_reduce takes an arithmetic op only")
-    red = _ops.binary(reduce_op, I, "reduce_op")
-    if red.name not in ("add", "subtract", "multiply", "maximum", "minimum"):
-        fail("reduce.op", I, "reduce_op", f"{red.name} is not add/subtract/multiply/maximum/minimum")
-    p, pstart, n = same_tiles(I, ("data", data), ("dst", dst))
-    v0 = scalar_or_column(operand0, I, "operand0", p)
+        _fail("op.bitvec", I, "op0", f"{o0.name}: tensor_scalar_reduce takes an arithmetic op only")
+    red = _ops.binary(reduce_op, I, "reduce_op", allowed=_ops.OP_RULES["tensor_scalar_reduce.reduce_op"],
+                      reduction_names=True)
+    cmd = reduce_cmd
+    if not isinstance(cmd, _RC) or cmd.name not in _ops.OP_RULES["tensor_scalar_reduce.reduce_cmd"]:
+        _fail("reduce_cmd", I, "reduce_cmd", f"{cmd!r}: supported are reset_reduce, reduce, load_reduce")
+    p, pstart, n = _tiles(I, ("data", data), ("dst", dst))
+    v0 = _scalar_or_col(operand0, I, "operand0", p)
     if reduce_res is not None:
-        pr, _, nr = onchip(reduce_res, I, "reduce_res")
-        same_partitions(I, "data", p, "reduce_res", pr)
+        pr, _, nr = _chk(reduce_res, I, "reduce_res")
+        _same_p(I, "data", p, "reduce_res", pr)
         if nr != 1:
-            fail("reduce_res.shape", I, "reduce_res", f"is {list(reduce_res.shape)}; must be [P,1]", "[P,1]")
-    if reduce_cmd is not None and reduce_cmd.name == "load_reduce" and reduce_init is None:
-        fail("reduce_init", I, "reduce_init", "is required with reduce_cmd=load_reduce")
-    x = data.read().reshape(p, n)
-    y = np.asarray(_scalar_op(o0, x, v0, reverse0), _f32)
-    store(dst, y)
-    cmd = reduce_cmd if reduce_cmd is not None else globals()["reduce_cmd"].idle
-    rc = type(cmd)
-    with np.errstate(all="ignore"):
+            _fail("reduce_res.shape", I, "reduce_res", f"is {list(reduce_res.shape)}; must be [P,1]", "[P,1]")
+    if cmd is _RC.load_reduce:
+        if reduce_init is None:
+            _fail("reduce_init", I, "reduce_init", "is required with reduce_cmd=load_reduce")
+    elif reduce_init is not None:
+        _fail("reduce_init", I, "reduce_init", "should only be set when reduce_cmd is load_reduce")
+    x = data._f32().reshape(p, n)
+    y = _np.asarray(_scalar_op(o0, x, v0, reverse0), _f32)
+    _store(dst, y)
+    with _np.errstate(all="ignore"):
         partial = red.reduce(y, -1)
     regs = _state.dve_regs
-    if cmd is rc.idle:
-        out = partial.reshape(p, 1)
-    else:
-        if cmd in (rc.reset, rc.reset_reduce):
-            regs[pstart:pstart + p] = 1.0 if red.name == "multiply" else (red.identity or 0.0)
-        elif cmd is rc.load_reduce:
-            if reduce_init is None:
-                fail("reduce_init", I, "reduce_init", "is required with reduce_cmd=load_reduce")
-            iv = scalar_or_column(reduce_init, I, "reduce_init", p)
-            regs[pstart:pstart + p] = iv.reshape(-1) if isinstance(iv, np.ndarray) else iv
-        if cmd in (rc.reduce, rc.reset_reduce, rc.load_reduce):
-            with np.errstate(all="ignore"):
-                if red.name == "subtract":
-                    regs[pstart:pstart + p] = regs[pstart:pstart + p] - np.sum(y, axis=-1, dtype=_f32)
-                else:
-                    regs[pstart:pstart + p] = red.fn(regs[pstart:pstart + p], partial)
-        out = regs[pstart:pstart + p].reshape(p, 1)
+    if cmd is _RC.reset_reduce:
+        regs[pstart:pstart + p] = red.identity
+    elif cmd is _RC.load_reduce:
+        iv = _scalar_or_col(reduce_init, I, "reduce_init", p)
+        regs[pstart:pstart + p] = iv.reshape(-1) if isinstance(iv, _np.ndarray) else iv
+    with _np.errstate(all="ignore"):
+        regs[pstart:pstart + p] = red.fn(regs[pstart:pstart + p], partial)
     if reduce_res is not None:
-        store(reduce_res, -out if reduce_res_negate else out)
-    emit("vector", I, (("dst", dst), ("data", data), ("reduce_res", reduce_res)), name)
+        _store(reduce_res, regs[pstart:pstart + p].reshape(p, 1))
+    _emit("vector", I, (("dst", dst), ("data", data), ("reduce_res", reduce_res)), name)
 
 
 def tensor_copy(dst, src, engine=engine.unknown, name=None):
     """dst = src; bit-exact when dtypes are equal, else via fp32 with RNE. Not on the Scalar engine on v2; the
     GpSimd engine cannot access PSUM."""
     I = "tensor_copy"
-    p, _, n = same_tiles(I, ("src", src), ("dst", dst))
+    p, _, n = _tiles(I, ("src", src), ("dst", dst))
     eng = _engine_name(engine, "vector")
-    if eng == "scalar" and target.version() == 2:
-        fail("engine", I, "engine", "tensor_copy is not supported on the Scalar engine on NeuronCore-v2 (use "
+    if eng == "scalar" and _target.version() == 2:
+        _fail("engine", I, "engine", "tensor_copy is not supported on the Scalar engine on NeuronCore-v2 (use "
              "activation(op=nl.copy))")
     if eng == "gpsimd":
-        no_psum(src, I, "src", "GpSimd")
-        no_psum(dst, I, "dst", "GpSimd")
+        _no_psum(src, I, "src", "GpSimd")
+        _no_psum(dst, I, "dst", "GpSimd")
     if eng not in ("vector", "gpsimd", "scalar"):
-        fail("engine", I, "engine", f"{eng} cannot run tensor_copy")
+        _fail("engine", I, "engine", f"{eng} cannot run tensor_copy")
     if src.dtype == dst.dtype:
-        v = src.np
-        dst.np[...] = v if v.shape == dst.shape else v.reshape(dst.shape)
+        v = src._v
+        dst._v[...] = v if v.shape == dst.shape else v.reshape(dst.shape)
         if dst._st.mm_written is not None:
-            mm_flags(dst)[...] = False
+            _mm_flags(dst)[...] = False
     else:
-        store(dst, src.read())
-    emit(eng, I, (("dst", dst), ("src", src)), name)
+        _store(dst, src._f32())
+    _emit(eng, I, (("dst", dst), ("src", src)), name)
 
 
 def memset(dst, value, engine=engine.unknown, name=None):
     """Fill dst with a compile-time constant whose type matches dst's dtype (an int for integer tensors)."""
     I = "memset"
-    onchip(dst, I, "dst")
+    _chk(dst, I, "dst")
     eng = _engine_name(engine, "vector")
     if eng == "gpsimd":
-        no_psum(dst, I, "dst", "GpSimd")
-    if isinstance(value, NkiTensor) or not isinstance(value, (bool, int, float, np.integer, np.floating)):
-        fail("memset.value", I, "value", f"must be a Python number, got {type(value).__name__}")
-    if dst.dtype.kind in "iu" and not isinstance(value, (bool, int, np.integer)):
-        fail("memset.value", I, "value", f"{value!r} is a float but dst is {_dt.name(dst.dtype)}; use an int literal")
+        _no_psum(dst, I, "dst", "GpSimd")
+    if isinstance(value, _NkiTensor) or not isinstance(value, (bool, int, float, _np.integer, _np.floating)):
+        _fail("memset.value", I, "value", f"must be a Python number, got {type(value).__name__}")
+    if dst.dtype.kind in "iu" and not isinstance(value, (bool, int, _np.integer)):
+        _fail("memset.value", I, "value", f"{value!r} is a float but dst is {_dt.name(dst.dtype)}; use an int literal")
     if dst.dtype.kind in "iub":
-        info = np.iinfo(dst.dtype) if dst.dtype.kind != "b" else None
+        info = _np.iinfo(dst.dtype) if dst.dtype.kind != "b" else None
         if info is not None and not info.min <= int(value) <= info.max:
-            fail("memset.value", I, "value", f"{value} does not fit {_dt.name(dst.dtype)}")
-        dst.np[...] = value
+            _fail("memset.value", I, "value", f"{value} does not fit {_dt.name(dst.dtype)}")
+        dst._v[...] = value
     else:
-        dst.np[...] = _dt.cast(np.array(value, dtype=_f32), dst.dtype)
+        dst._v[...] = _dt.cast(_np.array(value, dtype=_f32), dst.dtype)
     if dst._st.mm_written is not None:
-        mm_flags(dst)[...] = False
-    emit(eng, I, (("dst", dst),), name)
+        _mm_flags(dst)[...] = False
+    _emit(eng, I, (("dst", dst),), name)
 
 
 def reciprocal(dst, data, name=None):
     """dst = 1 / data on the Vector engine (fp32)."""
     I = "reciprocal"
-    p, _, n = same_tiles(I, ("data", data), ("dst", dst))
-    with np.errstate(all="ignore"):
-        store(dst, _f32(1.0) / data.read().reshape(p, n))
-    emit("vector", I, (("dst", dst), ("data", data)), name)
+    p, _, n = _tiles(I, ("data", data), ("dst", dst))
+    with _np.errstate(all="ignore"):
+        _store(dst, _f32(1.0) / data._f32().reshape(p, n))
+    _emit("vector", I, (("dst", dst), ("data", data)), name)
 
 
 def tensor_tensor_scan(dst, data0, data1, initial, op0, op1, reverse0=False, reverse1=False, name=None):
@@ -628,175 +827,173 @@ def tensor_tensor_scan(dst, data0, data1, initial, op0, op1, reverse0=False, rev
     I = "tensor_tensor_scan"
     o0 = _ops.binary(op0, I, "op0")
     o1 = _ops.binary(op1, I, "op1")
-    p, _, n = same_tiles(I, ("data0", data0), ("data1", data1), ("dst", dst))
-    init = scalar_or_column(initial, I, "initial", p)
-    a = data0.read().reshape(p, n)
-    b = data1.read().reshape(p, n)
-    out = np.empty((p, n), _f32)
-    prev = np.broadcast_to(np.asarray(init, _f32).reshape(-1), (p,)) if isinstance(init, np.ndarray) else \
-        np.full(p, init, _f32)
-    with np.errstate(all="ignore"):
+    p, _, n = _tiles(I, ("data0", data0), ("data1", data1), ("dst", dst))
+    if data0._st.buffer == "psum" and data1._st.buffer == "psum":
+        _fail("tensor_tensor_scan.psum", I, "data1", "and data0 are both in PSUM; \"data0 and data1 cannot both "
+              "reside in PSUM\" (nki.isa.tensor_tensor_scan)")
+    init = _scalar_or_col(initial, I, "initial", p)
+    a = data0._f32().reshape(p, n)
+    b = data1._f32().reshape(p, n)
+    out = _np.empty((p, n), _f32)
+    prev = _np.broadcast_to(_np.asarray(init, _f32).reshape(-1), (p,)) if isinstance(init, _np.ndarray) else \
+        _np.full(p, init, _f32)
+    with _np.errstate(all="ignore"):
         for i in range(n):
             t = o0.fn(prev, a[:, i]) if reverse0 else o0.fn(a[:, i], prev)
             prev = o1.fn(b[:, i], t) if reverse1 else o1.fn(t, b[:, i])
             out[:, i] = prev
-    store(dst, out)
-    emit("vector", I, (("dst", dst), ("data0", data0), ("data1", data1)), name)
+    _store(dst, out)
+    _emit("vector", I, (("dst", dst), ("data0", data0), ("data1", data1)), name)
 
 
 def bn_stats(dst, data, name=None):
     """6 values per partition: (count, mean, variance*count) of the even then of the odd free elements (fp32);
     data has at most 512 elements per partition."""
     I = "bn_stats"
-    p, _, n = onchip(data, I, "data")
-    pd, _, nd = onchip(dst, I, "dst")
-    same_partitions(I, "data", p, "dst", pd)
+    p, _, n = _chk(data, I, "data")
+    pd, _, nd = _chk(dst, I, "dst")
+    _same_p(I, "data", p, "dst", pd)
     if n > 512:
-        fail("bn_stats.fmax", I, "data", f"has {n} elements per partition", 512)
+        _fail("bn_stats.fmax", I, "data", f"has {n} elements per partition", 512)
     if nd != 6:
-        fail("bn_stats.dst", I, "dst", f"has {nd} elements per partition; must be 6", 6)
-    x = data.read().reshape(p, n)
-    out = np.zeros((p, 6), _f32)
+        _fail("bn_stats.dst", I, "dst", f"has {nd} elements per partition; must be 6", 6)
+    x = data._f32().reshape(p, n)
+    out = _np.zeros((p, 6), _f32)
     for j, part in enumerate((x[:, 0::2], x[:, 1::2])):
         c = part.shape[1]
         out[:, 3 * j] = c
         if c:
             m = part.mean(axis=1, dtype=_f32)
             out[:, 3 * j + 1] = m
-            out[:, 3 * j + 2] = np.sum((part - m[:, None]) ** 2, axis=1, dtype=_f32)
-    store(dst, out)
-    emit("vector", I, (("dst", dst), ("data", data)), name)
+            out[:, 3 * j + 2] = _np.sum((part - m[:, None]) ** 2, axis=1, dtype=_f32)
+    _store(dst, out)
+    _emit("vector", I, (("dst", dst), ("data", data)), name)
 
 
 def bn_aggr(dst, data, name=None):
     """Aggregate (count, mean, variance*count) triples into (mean, variance) per partition (fp32)."""
     I = "bn_aggr"
-    p, _, n = onchip(data, I, "data")
-    pd, _, nd = onchip(dst, I, "dst")
-    same_partitions(I, "data", p, "dst", pd)
+    p, _, n = _chk(data, I, "data")
+    pd, _, nd = _chk(dst, I, "dst")
+    _same_p(I, "data", p, "dst", pd)
     if n % 3:
-        fail("bn_aggr.data", I, "data", f"has {n} elements per partition; must be a multiple of 3")
+        _fail("bn_aggr.data", I, "data", f"has {n} elements per partition; must be a multiple of 3")
     if nd != 2:
-        fail("bn_aggr.dst", I, "dst", f"has {nd} elements per partition; must be 2 (mean, variance)", 2)
-    t = data.read().reshape(p, n // 3, 3)
+        _fail("bn_aggr.dst", I, "dst", f"has {nd} elements per partition; must be 2 (mean, variance)", 2)
+    t = data._f32().reshape(p, n // 3, 3)
     c, m, m2 = t[..., 0], t[..., 1], t[..., 2]
     total = c.sum(axis=1, dtype=_f32)
-    with np.errstate(all="ignore"):
-        mean = np.where(total > 0, (c * np.where(c > 0, m, 0)).sum(axis=1, dtype=_f32) / total, 0).astype(_f32)
-        dev = np.where(c > 0, c * (m - mean[:, None]) ** 2 + m2, 0)
-        var = np.where(total > 0, dev.sum(axis=1, dtype=_f32) / total, 0).astype(_f32)
-    store(dst, np.stack([mean, var], axis=1))
-    emit("vector", I, (("dst", dst), ("data", data)), name)
+    with _np.errstate(all="ignore"):
+        mean = _np.where(total > 0, (c * _np.where(c > 0, m, 0)).sum(axis=1, dtype=_f32) / total, 0).astype(_f32)
+        dev = _np.where(c > 0, c * (m - mean[:, None]) ** 2 + m2, 0)
+        var = _np.where(total > 0, dev.sum(axis=1, dtype=_f32) / total, 0).astype(_f32)
+    _store(dst, _np.stack([mean, var], axis=1))
+    _emit("vector", I, (("dst", dst), ("data", data)), name)
 
 
 def max8(dst, src, name=None):
     """The 8 largest values of each partition of src, in descending order, into dst [P, 8] (Vector engine)."""
     I = "max8"
-    p, _, n = onchip(src, I, "src")
-    pd, _, nd = onchip(dst, I, "dst")
-    same_partitions(I, "src", p, "dst", pd)
+    p, _, n = _chk(src, I, "src")
+    pd, _, nd = _chk(dst, I, "dst")
+    _same_p(I, "src", p, "dst", pd)
     if nd != 8:
-        fail("max8.dst", I, "dst", f"has {nd} elements per partition; must be 8", 8)
+        _fail("max8.dst", I, "dst", f"has {nd} elements per partition; must be 8", 8)
     if n < 8 or n > 16384:
-        fail("max8.src", I, "src", f"has {n} elements per partition; must be 8..16384", "8..16384")
-    x = src.read().reshape(p, n)
-    store(dst, -np.sort(-x, axis=1)[:, :8])
-    emit("vector", I, (("dst", dst), ("src", src)), name)
+        _fail("max8.src", I, "src", f"has {n} elements per partition; must be 8..16384", "8..16384")
+    x = src._f32().reshape(p, n)
+    _store(dst, -_np.sort(-x, axis=1)[:, :8])
+    _emit("vector", I, (("dst", dst), ("src", src)), name)
 
 
-def select_reduce(dst, predicate, on_true, on_false, reduce_res=None, reduce_cmd=reduce_cmd.idle, reduce_op=None,
-                  reverse_pred=False, name=None):
+def select_reduce(dst, predicate, on_true, on_false, reduce_res=None, reduce_cmd=reduce_cmd.idle,
+                  reduce_op=_ops.BINARY["maximum"], reverse_pred=False, name=None):
     """dst = where(predicate != 0, on_true, on_false) (predicate inverted by reverse_pred) on the Vector engine, with
     an optional row max into reduce_res [P,1]: idle gives this instruction's row max; reset/reset_reduce/reduce drive
     the Vector accumulator registers (reset to -inf). on_false: fp32 scalar or [P,1] tile; predicate int8/uint8/
     int16/uint16; on_true and predicate not both in PSUM; on_true not tfloat32/int32/uint32."""
     I = "select_reduce"
-    p, pstart, n = same_tiles(I, ("on_true", on_true), ("predicate", predicate), ("dst", dst))
+    p, pstart, n = _tiles(I, ("on_true", on_true), ("predicate", predicate), ("dst", dst))
     if on_true._st.buffer == "psum" and predicate._st.buffer == "psum":
-        fail("select_reduce.psum", I, "predicate", "and on_true are both in PSUM; at most one may be")
+        _fail("select_reduce.psum", I, "predicate", "and on_true are both in PSUM; at most one may be")
     if predicate.dtype not in (_dt.int8, _dt.uint8, _dt.int16, _dt.uint16):
-        fail("select_reduce.dtype", I, "predicate", f"is {_dt.name(predicate.dtype)}; must be int8/uint8/int16/uint16")
+        _fail("select_reduce.dtype", I, "predicate", f"is {_dt.name(predicate.dtype)}; must be int8/uint8/int16/uint16")
     if _dt.is_tf32(on_true.dtype) or on_true.dtype in (_dt.int32, _dt.uint32):
-        fail("select_reduce.dtype", I, "on_true", f"is {_dt.name(on_true.dtype)}; tfloat32/int32/uint32 not allowed")
-    red = _ops.binary(reduce_op if reduce_op is not None else _ops.BINARY["maximum"], I, "reduce_op")
+        _fail("select_reduce.dtype", I, "on_true", f"is {_dt.name(on_true.dtype)}; tfloat32/int32/uint32 not allowed")
+    red = _ops.binary(reduce_op, I, "reduce_op")
     if red.name != "maximum":
-        fail("select_reduce.reduce_op", I, "reduce_op", f"is {red.name}; only maximum is supported", "maximum")
-    fv = scalar_or_column(on_false, I, "on_false", p)
+        _fail("select_reduce.reduce_op", I, "reduce_op", f"is {red.name}; only maximum is supported", "maximum")
+    fv = _scalar_or_col(on_false, I, "on_false", p)
     if reduce_res is not None:
-        pr, _, nr = onchip(reduce_res, I, "reduce_res")
-        same_partitions(I, "on_true", p, "reduce_res", pr)
+        pr, _, nr = _chk(reduce_res, I, "reduce_res")
+        _same_p(I, "on_true", p, "reduce_res", pr)
         if nr != 1 or not _dt.is_float(reduce_res.dtype):
-            fail("select_reduce.reduce_res", I, "reduce_res", f"is {list(reduce_res.shape)} "
+            _fail("select_reduce.reduce_res", I, "reduce_res", f"is {list(reduce_res.shape)} "
                  f"{_dt.name(reduce_res.dtype)}; must be a float [P,1] tile", "[P,1]")
     cmd = reduce_cmd if reduce_cmd is not None else globals()["reduce_cmd"].idle
     rc = type(cmd)
     if cmd is rc.load_reduce:
-        fail("reduce_cmd", I, "reduce_cmd", "load_reduce is not supported by select_reduce")
-    pred = predicate.np.reshape(p, n) != 0
+        _fail("reduce_cmd", I, "reduce_cmd", "load_reduce is not supported by select_reduce")
+    pred = predicate._v.reshape(p, n) != 0
     if reverse_pred:
         pred = ~pred
-    y = np.where(pred, on_true.read().reshape(p, n), fv if isinstance(fv, float) else fv.reshape(p, 1)).astype(_f32)
-    store(dst, y)
-    row = np.max(y, axis=1)
+    y = _np.where(pred, on_true._f32().reshape(p, n), fv if isinstance(fv, float) else fv.reshape(p, 1)).astype(_f32)
+    _store(dst, y)
+    row = _np.max(y, axis=1)
     regs = _state.dve_regs
     if cmd is rc.idle:
         out = row.reshape(p, 1)
     else:
         if cmd in (rc.reset, rc.reset_reduce):
-            regs[pstart:pstart + p] = -np.inf
+            regs[pstart:pstart + p] = -_np.inf
         if cmd in (rc.reduce, rc.reset_reduce):
-            regs[pstart:pstart + p] = np.maximum(regs[pstart:pstart + p], row)
+            regs[pstart:pstart + p] = _np.maximum(regs[pstart:pstart + p], row)
         out = regs[pstart:pstart + p].reshape(p, 1)
     if reduce_res is not None:
-        store(reduce_res, out)
-    emit("vector", I, (("dst", dst), ("predicate", predicate), ("on_true", on_true),
-                       ("on_false", on_false if isinstance(on_false, NkiTensor) else None),
+        _store(reduce_res, out)
+    _emit("vector", I, (("dst", dst), ("predicate", predicate), ("on_true", on_true),
+                       ("on_false", on_false if isinstance(on_false, _NkiTensor) else None),
                        ("reduce_res", reduce_res)), name)
-
-
-def nc_find_index8(*args, **kwargs):
-    raise NotImplementedError("nisa.nc_find_index8 is not simulated by kernels.sim")
-
-
-def nc_match_replace8(*args, **kwargs):
-    raise NotImplementedError("nisa.nc_match_replace8 is not simulated by kernels.sim")
 
 
 def nc_stream_shuffle(dst, src, shuffle_mask, name=None):
     """Within each 32-partition quadrant, dst partition i takes src partition shuffle_mask[i] (255 keeps dst)."""
     I = "nc_stream_shuffle"
-    p, _, n = onchip(src, I, "src")
-    pd, _, nd = onchip(dst, I, "dst")
-    same_free(I, "src", n, "dst", nd)
+    p, _, n = _chk(src, I, "src")
+    pd, _, nd = _chk(dst, I, "dst")
+    _same_f(I, "src", n, "dst", nd)
+    if dst.dtype != src.dtype:
+        _fail("shuffle.dtype", I, "dst", f"is {_dt.name(dst.dtype)}; \"dst must have same data type as src\" "
+              f"({_dt.name(src.dtype)})")
     mask = list(shuffle_mask)
     if len(mask) != 32:
-        fail("shuffle.mask", I, "shuffle_mask", f"has {len(mask)} entries", 32)
-    x = src.read().reshape(p, n)
-    out = dst.read().reshape(pd, n).copy()
+        _fail("shuffle.mask", I, "shuffle_mask", f"has {len(mask)} entries", 32)
+    x = src._f32().reshape(p, n)
+    out = dst._f32().reshape(pd, n).copy()
     for q in range(0, pd, 32):
         for i, s in enumerate(mask):
             if s != 255 and q + i < pd and q + s < p:
                 out[q + i] = x[q + s]
-    store(dst, out)
-    emit("vector", I, (("dst", dst), ("src", src)), name)
+    _store(dst, out)
+    _emit("vector", I, (("dst", dst), ("src", src)), name)
 
 
 # ---------------------------------------------------------------------------------------------- GpSimd engine
 def _affine_values(I, pattern, offset, channel_multiplier, p, n):
     pat = [(int(s), int(c)) for s, c in pattern]
     if len(pat) > 4:
-        fail("pattern.dims", I, "pattern", f"has {len(pat)} dims", 4)
+        _fail("pattern.dims", I, "pattern", f"has {len(pat)} dims", 4)
     cnt = 1
     for _, c in pat:
         cnt *= c
     if cnt != n:
-        fail("pattern.count", I, "pattern", f"{pat} covers {cnt} elements but dst has {n} per partition", n)
-    v = np.full((p,) + tuple(c for _, c in pat), 0, np.int64)
-    v += int(offset) + np.arange(p, dtype=np.int64).reshape((p,) + (1,) * len(pat)) * int(channel_multiplier)
+        _fail("pattern.count", I, "pattern", f"{pat} covers {cnt} elements but dst has {n} per partition", n)
+    v = _np.full((p,) + tuple(c for _, c in pat), 0, _np.int64)
+    v += int(offset) + _np.arange(p, dtype=_np.int64).reshape((p,) + (1,) * len(pat)) * int(channel_multiplier)
     for k, (s, c) in enumerate(pat):
         shp = [1] * (len(pat) + 1)
         shp[k + 1] = c
-        v += np.arange(c, dtype=np.int64).reshape(shp) * s
+        v += _np.arange(c, dtype=_np.int64).reshape(shp) * s
     return v.reshape(p, n)
 
 
@@ -805,110 +1002,224 @@ def iota(dst, pattern, offset=0, channel_multiplier=0, name=None):
     [[sw, nw], [sz, nz], [sy, ny], [sx, nx]] (int32 math, cast to dst dtype); GpSimd, dst in SBUF. ``c`` counts
     the partitions of dst from 0 (``for channel_id in range(dst.shape[0])`` in the nki.isa.iota docs)."""
     I = "iota"
-    p, _, n = onchip(dst, I, "dst", ("sbuf",))
+    p, _, n = _chk(dst, I, "dst", ("sbuf",))
     v = _affine_values(I, pattern, offset, channel_multiplier, p, n)
-    v = v.astype(np.int32)
+    v = v.astype(_np.int32)
     if dst.dtype.kind in "iu":
-        dst.np[...] = v.reshape(dst.shape).astype(dst.dtype)
+        dst._v[...] = v.reshape(dst.shape).astype(dst.dtype)
     else:
-        store(dst, v.astype(_f32))
-    emit("gpsimd", I, (("dst", dst),), name)
+        _store(dst, v.astype(_f32))
+    _emit("gpsimd", I, (("dst", dst),), name)
 
 
-def affine_select(dst, pattern, channel_multiplier, on_true_tile, on_false_value, cmp_op=None, offset=0,
-                  name=None):
+def affine_select(dst, pattern, channel_multiplier, on_true_tile, on_false_value, cmp_op=_ops.BINARY["equal"],
+                  offset=0, name=None):
     """dst = on_true_tile where cmp_op(a, 0) else on_false_value, a = offset + c*channel_multiplier +
     sum(index*stride over pattern) (as iota). GpSimd: dst and on_true_tile in SBUF."""
     I = "affine_select"
-    cmp = _ops.binary(cmp_op if cmp_op is not None else _ops.BINARY["equal"], I, "cmp_op")
-    p, _, n = same_tiles(I, ("dst", dst), ("on_true_tile", on_true_tile), allowed=("sbuf",))
-    if isinstance(on_false_value, NkiTensor) or not isinstance(on_false_value, (int, float, np.floating,
-                                                                                  np.integer)):
-        fail("affine_select.on_false_value", I, "on_false_value", "must be an fp32 scalar")
+    cmp = _ops.binary(cmp_op, I, "cmp_op", allowed=_ops.OP_RULES["compare"])
+    p, _, n = _tiles(I, ("dst", dst), ("on_true_tile", on_true_tile), allowed=("sbuf",))
+    if isinstance(on_false_value, _NkiTensor) or not isinstance(on_false_value, (int, float, _np.floating,
+                                                                                  _np.integer)):
+        _fail("affine_select.on_false_value", I, "on_false_value", "must be an fp32 scalar")
     a = _affine_values(I, pattern, offset, channel_multiplier, p, n)
-    pred = cmp.fn(a.astype(np.float64), 0.0) != 0
+    pred = cmp.fn(a.astype(_np.float64), 0.0) != 0
     if dst.dtype == on_true_tile.dtype:
-        src = on_true_tile.np.reshape(p, n)
-        fv = _dt.cast(np.array([on_false_value], _f32), dst.dtype)[0]
-        dst.np[...] = np.where(pred, src, fv).reshape(dst.shape)
+        src = on_true_tile._v.reshape(p, n)
+        fv = _dt.cast(_np.array([on_false_value], _f32), dst.dtype)[0]
+        dst._v[...] = _np.where(pred, src, fv).reshape(dst.shape)
     else:
-        store(dst, np.where(pred, on_true_tile.read().reshape(p, n), _f32(on_false_value)))
-    emit("gpsimd", I, (("dst", dst), ("on_true_tile", on_true_tile)), name)
+        _store(dst, _np.where(pred, on_true_tile._f32().reshape(p, n), _f32(on_false_value)))
+    _emit("gpsimd", I, (("dst", dst), ("on_true_tile", on_true_tile)), name)
 
 
 def tensor_partition_reduce(dst, op, data, name=None):
     """Reduce across partitions on GpSimd: dst[1, F] = op over data's partitions (add, maximum, minimum, ...)."""
     I = "tensor_partition_reduce"
-    opd = _ops.binary(op, I)
-    p, _, n = onchip(data, I, "data", ("sbuf",))
-    pd, _, nd = onchip(dst, I, "dst", ("sbuf",))
-    same_free(I, "data", n, "dst", nd)
+    opd = _ops.binary(op, I, allowed=_ops.OP_RULES["tensor_partition_reduce"])
+    p, _, n = _chk(data, I, "data", ("sbuf",))
+    pd, _, nd = _chk(dst, I, "dst", ("sbuf",))
+    _same_f(I, "data", n, "dst", nd)
     if opd.reduce is None:
-        fail("reduce.op", I, "op", f"{opd.name} is not a reduction")
-    x = data.read().reshape(p, n).T
-    store(dst, np.broadcast_to(opd.reduce(x, -1).reshape(1, n), (pd, n)))
-    emit("gpsimd", I, (("dst", dst), ("data", data)), name)
+        _fail("reduce.op", I, "op", f"{opd.name} is not a reduction")
+    x = data._f32().reshape(p, n).T
+    _store(dst, _np.broadcast_to(opd.reduce(x, -1).reshape(1, n), (pd, n)))
+    _emit("gpsimd", I, (("dst", dst), ("data", data)), name)
 
 
 # ------------------------------------------------------------------------------------------------------ random
-def rng(dst, engine=engine.vector, name=None):
+def rng(dst, engine=engine.unknown, name=None):
     """32 random bits per element truncated to dst's integer dtype. Vector engine only on NeuronCore-v2. The
     interpreter's PRNG (numpy PCG64) does not reproduce hardware bit streams."""
     I = "rng"
-    onchip(dst, I, "dst")
+    _chk(dst, I, "dst")
     eng = _engine_name(engine, "vector")
-    if eng != "vector" and target.version() == 2:
-        fail("engine", I, "engine", f"{eng}: rng runs on the Vector engine only on NeuronCore-v2", "vector")
+    if eng != "vector" and _target.version() == 2:
+        _fail("engine", I, "engine", f"{eng}: rng runs on the Vector engine only on NeuronCore-v2", "vector")
     if dst.dtype.kind not in "iu" or dst.dtype.itemsize > 4:
-        fail("rng.dtype", I, "dst", f"is {_dt.name(dst.dtype)}; must be an integer type (int8..uint32)")
-    bits = _state.rng.integers(0, 2 ** 32, size=dst.shape, dtype=np.uint64).astype(np.uint32)
-    dst.np[...] = bits.astype(dst.dtype)   # truncation of the 32-bit value
-    emit(eng, I, (("dst", dst),), name)
+        _fail("rng.dtype", I, "dst", f"is {_dt.name(dst.dtype)}; must be an integer type (int8..uint32)")
+    bits = _state.rng.integers(0, 2 ** 32, size=dst.shape, dtype=_np.uint64).astype(_np.uint32)
+    dst._v[...] = bits.astype(dst.dtype)   # truncation of the 32-bit value
+    _emit(eng, I, (("dst", dst),), name)
 
 
 def set_rng_seed(src_seeds, name=None):
     """Seed the Vector engine PRNG from a [1,1] 32-bit tensor."""
     I = "set_rng_seed"
-    onchip(src_seeds, I, "src_seeds", align=False)
+    _chk(src_seeds, I, "src_seeds", align=False)
     if src_seeds.size != 1 or src_seeds.dtype.itemsize != 4:
-        fail("rng.seed", I, "src_seeds", f"is {list(src_seeds.shape)} {_dt.name(src_seeds.dtype)}; must be a [1,1] "
+        _fail("rng.seed", I, "src_seeds", f"is {list(src_seeds.shape)} {_dt.name(src_seeds.dtype)}; must be a [1,1] "
              "32-bit tensor", "[1,1]")
-    seed = int(src_seeds.np.reshape(-1).view(np.uint32)[0]) if src_seeds.dtype.kind != "f" else \
-        int(src_seeds.np.reshape(-1).view(np.uint32)[0])
-    _state.rng = np.random.Generator(np.random.PCG64(seed))
-    emit("vector", I, (("src_seeds", src_seeds),), name)
+    seed = int(src_seeds._v.reshape(-1).view(_np.uint32)[0]) if src_seeds.dtype.kind != "f" else \
+        int(src_seeds._v.reshape(-1).view(_np.uint32)[0])
+    _state.rng = _np.random.Generator(_np.random.PCG64(seed))
+    _emit("vector", I, (("src_seeds", src_seeds),), name)
 
 
 def dropout(dst, data, prob, name=None):
     """dst = data with each element zeroed with probability prob (scalar or [P,1]); no rescaling."""
     I = "dropout"
-    p, _, n = same_tiles(I, ("data", data), ("dst", dst))
+    p, _, n = _tiles(I, ("data", data), ("dst", dst))
     if dst.dtype != data.dtype:
-        fail("dropout.dtype", I, "dst", f"is {_dt.name(dst.dtype)}; must equal data's {_dt.name(data.dtype)}")
-    pr = scalar_or_column(prob, I, "prob", p)
+        _fail("dropout.dtype", I, "dst", f"is {_dt.name(dst.dtype)}; must equal data's {_dt.name(data.dtype)}")
+    pr = _scalar_or_col(prob, I, "prob", p)
     u = _state.rng.random((p, n), dtype=_f32)
     keep = u >= (pr if isinstance(pr, float) else pr.reshape(p, 1))
-    src = data.np.reshape(p, n)
-    dst.np[...] = np.where(keep, src, np.zeros((), src.dtype)).reshape(dst.shape)
+    src = data._v.reshape(p, n)
+    dst._v[...] = _np.where(keep, src, _np.zeros((), src.dtype)).reshape(dst.shape)
     if dst._st.mm_written is not None:
-        mm_flags(dst)[...] = False
-    emit("vector", I, (("dst", dst), ("data", data)), name)
+        _mm_flags(dst)[...] = False
+    _emit("vector", I, (("dst", dst), ("data", data)), name)
 
 
-def _newer_core_only(name, generation):
-    """An instruction of NeuronCore-v{generation}+: refused on older targets, not simulated on newer ones."""
-    def instruction(*args, **kwargs):
-        target.require(generation, name)
-        raise NotImplementedError(f"{name} is not simulated (NeuronCore-v{generation}+ only)")
-    instruction.__name__ = instruction.__qualname__ = name
-    return instruction
+def tensor_copy_predicated(dst, src, predicate, reverse_pred=False, name=None):
+    """dst = src where predicate != 0 (inverted by reverse_pred), dst unchanged elsewhere, on the Vector engine.
+    src: a tile (same dtype as dst) or a number; predicate uint8/uint16/uint32; src and predicate not both in PSUM
+    (nki.isa.tensor_copy_predicated)."""
+    I = "tensor_copy_predicated"
+    tiles = [("dst", dst), ("predicate", predicate)] + ([("src", src)] if isinstance(src, _NkiTensor) else [])
+    p, _, n = _tiles(I, *tiles)
+    if predicate.dtype not in (_dt.uint8, _dt.uint16, _dt.uint32):
+        _fail("copy_predicated.dtype", I, "predicate", f"is {_dt.name(predicate.dtype)}; must be uint8/uint16/uint32")
+    if isinstance(src, _NkiTensor):
+        if src.dtype != dst.dtype:
+            _fail("copy_predicated.dtype", I, "src", f"is {_dt.name(src.dtype)}; src and dst must share a dtype "
+                  f"({_dt.name(dst.dtype)})")
+        if src._st.buffer == "psum" and predicate._st.buffer == "psum":
+            _fail("copy_predicated.psum", I, "src", "and predicate are both in PSUM; at most one may be")
+        vals = src._v.reshape(p, n)
+    elif isinstance(src, (bool, int, float, _np.integer, _np.floating)):
+        vals = _dt.cast(_np.array(src, _f32), dst.dtype)
+    else:
+        _fail("operand.type", I, "src", f"must be a tile or a number, got {type(src).__name__}")
+    pred = predicate._v.reshape(p, n) != 0
+    if reverse_pred:
+        pred = ~pred
+    cur = dst._v.reshape(p, n)
+    dst._v[...] = _np.where(pred, vals, cur).reshape(dst.shape)
+    if dst._st.mm_written is not None:
+        _mm_flags(dst)[...] = False
+    _emit("vector", I, (("dst", dst), ("src", src if isinstance(src, _NkiTensor) else None),
+                        ("predicate", predicate)), name)
 
 
-activate2 = _newer_core_only("activate2", 4)
-exponential = _newer_core_only("exponential", 4)
-nc_matmul_mx = _newer_core_only("nc_matmul_mx", 4)
-quantize_mx = _newer_core_only("quantize_mx", 4)
-rand2 = _newer_core_only("rand2", 4)
-range_select = _newer_core_only("range_select", 3)
-rand_get_state = _newer_core_only("rand_get_state", 3)
-rand_set_state = _newer_core_only("rand_set_state", 3)
+def tensor_scalar_cumulative(dst, src, op0, op1, imm0, imm1=None, reduce_cmd=reduce_cmd.reset_reduce, name=None):
+    """Per partition, along the flattened free dims: ``reg = op1(op0(src[i], imm0), reg); dst[i] = reg`` on the
+    Vector engine's accumulator registers (reset_reduce: reg = op1's identity (0 add/subtract, 1 multiply,
+    -inf max, +inf min); reduce: keep; load_reduce: reg = imm1). op0 arithmetic; op1 add/subtract/multiply/
+    maximum/minimum; no int32/uint32 data; imm0/imm1 fp32 scalars or [P,1] tiles
+    (nki.isa.tensor_scalar_cumulative)."""
+    I = "tensor_scalar_cumulative"
+    o0 = _ops.binary(op0, I, "op0")
+    o1 = _ops.binary(op1, I, "op1", allowed=_ops.OP_RULES["tensor_scalar_cumulative.op1"])
+    if o0.kind == "bitvec":
+        _fail("op.bitvec", I, "op0", f"{o0.name}: op0 must be arithmetic")
+    p, pstart, n = _tiles(I, ("src", src), ("dst", dst))
+    for role, t in (("src", src), ("dst", dst)):
+        if t.dtype in (_dt.int32, _dt.uint32):
+            _fail("cumulative.dtype", I, role, f"is {_dt.name(t.dtype)}; INT32/UINT32 are not supported")
+    v0 = _scalar_or_col(imm0, I, "imm0", p)
+    cmd = reduce_cmd
+    if cmd not in (_RC.reset_reduce, _RC.reduce, _RC.load_reduce):
+        _fail("reduce_cmd", I, "reduce_cmd", f"{cmd!r}: supported are reset_reduce, reduce, load_reduce")
+    regs = _state.dve_regs
+    if cmd is _RC.reset_reduce:
+        regs[pstart:pstart + p] = 0.0 if o1.name == "subtract" else o1.identity
+    elif cmd is _RC.load_reduce:
+        if imm1 is None:
+            _fail("reduce_init", I, "imm1", "is required with reduce_cmd=load_reduce")
+        v1 = _scalar_or_col(imm1, I, "imm1", p)
+        regs[pstart:pstart + p] = v1.reshape(-1) if isinstance(v1, _np.ndarray) else v1
+    x = _np.asarray(_scalar_op(o0, src._f32().reshape(p, n), v0, False), _f32)
+    out = _np.empty((p, n), _f32)
+    reg = regs[pstart:pstart + p].copy()
+    with _np.errstate(all="ignore"):
+        for i in range(n):
+            reg = o1.fn(x[:, i], reg).astype(_f32)
+            out[:, i] = reg
+    regs[pstart:pstart + p] = reg
+    _store(dst, out)
+    _emit("vector", I, (("dst", dst), ("src", src)), name)
+
+
+def _vector_unary(dst, op, data):
+    """An nl unary wrapper outside the activation table (cos, tan, floor, ceil, trunc, negative): one Vector
+    instruction computing ``op`` in fp32 (interpreter's choice: the docs do not name the engine)."""
+    I = "tensor_scalar"
+    p, _, n = _tiles(I, ("data", data), ("dst", dst))
+    _store(dst, op.unary(data._f32().reshape(p, n)))
+    _emit("vector", I, (("dst", dst), ("data", data)), op.name)
+
+
+# ---------------------------------------------------------------------------------------------- registers
+def register_alloc(x=None):
+    """A new VirtualRegister, holding ``x`` (an int) when given."""
+    if x is not None and not isinstance(x, (int, _np.integer)):
+        _fail("register.value", "register_alloc", "x", f"must be an int or None, got {type(x).__name__}")
+    return VirtualRegister(x)
+
+
+def register_move(dst, src):
+    """dst = src (a compile-time int or another VirtualRegister)."""
+    if not isinstance(dst, VirtualRegister):
+        _fail("register.type", "register_move", "dst", f"must be a VirtualRegister, got {type(dst).__name__}")
+    if isinstance(src, VirtualRegister):
+        dst._value = src._get("register_move")
+    elif isinstance(src, (int, _np.integer)):
+        dst._value = int(src)
+    else:
+        _fail("register.value", "register_move", "src", f"must be an int or a VirtualRegister, got "
+              f"{type(src).__name__}")
+
+
+def register_load(dst, src):
+    """dst = the 32-bit value of the one-element SBUF/HBM tensor ``src``."""
+    I = "register_load"
+    if not isinstance(dst, VirtualRegister):
+        _fail("register.type", I, "dst", f"must be a VirtualRegister, got {type(dst).__name__}")
+    _tensor(src, I, "src")
+    if src.size != 1 or src.dtype.itemsize > 4 or src._st.buffer == "psum":
+        _fail("register.src", I, "src", f"is {list(src.shape)} {_dt.name(src.dtype)} in {src._st.buffer}; must be a "
+              "one-element tensor of at most 32 bits in SBUF or HBM")
+    v = src._v.reshape(-1)[0]
+    dst._value = int(v) if src.dtype.kind in "iub" else int(_np.float32(v))
+    _emit("sync", I, (("src", src),))
+
+
+def register_store(dst, src):
+    """The one-element SBUF/HBM tensor ``dst`` = the value of VirtualRegister ``src``."""
+    I = "register_store"
+    _tensor(dst, I, "dst")
+    if not isinstance(src, VirtualRegister):
+        _fail("register.type", I, "src", f"must be a VirtualRegister, got {type(src).__name__}")
+    if dst.size != 1 or dst.dtype.itemsize > 4 or dst._st.buffer == "psum":
+        _fail("register.dst", I, "dst", f"is {list(dst.shape)} {_dt.name(dst.dtype)} in {dst._st.buffer}; must be a "
+              "one-element tensor of at most 32 bits in SBUF or HBM")
+    dst._v[...] = _dt.cast(_np.array(src._get(I)), dst.dtype) if dst.dtype.kind == "f" else \
+        _np.array(src._get(I)).astype(dst.dtype)
+    _emit("sync", I, (("dst", dst),))
+
+
+from ._gather import local_gather, nc_n_gather, nc_find_index8, nc_match_replace8  # noqa: E402,F401
+from ._newer import (activate2, exponential, nc_matmul_mx, quantize_mx, rand2, range_select,  # noqa: E402,F401
+                     rand_get_state, rand_set_state, core_barrier, sendrecv, nonzero_with_count)

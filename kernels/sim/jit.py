@@ -21,6 +21,7 @@ from . import language as _nl
 from . import memory, target, trace
 from . import tensor as _tensor
 from .errors import ConstraintError
+from .errors import ConstraintError as _ConstraintError
 from .tensor import NkiTensor
 
 
@@ -57,10 +58,11 @@ def _from_hbm(t, kind):
         return {k: _from_hbm(v, kind) for k, v in t.items()}
     if not isinstance(t, NkiTensor):
         return t
-    if t.buffer != "shared_hbm":
-        raise ValueError(f"kernel output {t.name!r} {list(t.shape)} is in {t.buffer}; kernel outputs must be "
-                         f"allocated with buffer=nl.shared_hbm (NKI >= 0.3)")
-    arr = np.array(t.np)
+    if t._st.buffer not in ("hbm", "private_hbm", "shared_hbm"):
+        raise _ConstraintError(f"rule output.buffer: kernel output {t.name!r} {list(t.shape)} is in {t._st.buffer}; "
+                               "a kernel returns HBM tensors (nl.shared_hbm/nl.hbm allocations, or an input it "
+                               "updated in place)")
+    arr = np.array(t._v)
     if kind == "torch":
         import torch
         if arr.dtype == _dt.bfloat16:

@@ -12,7 +12,9 @@ compiler's allocator places tiles by free-offset range.
 """
 import weakref
 
-from .errors import CapacityError
+import numpy as np
+
+from .errors import CapacityError, ConstraintError
 
 SBUF_BYTES_PER_PARTITION = 176 * 1024
 PSUM_BANK_BYTES = 2048
@@ -42,6 +44,9 @@ class _State:
         self.next_id = 0
         self.in_launch = False
         self.last_peak = None
+        self.addr_live = {"sbuf": {}, "psum": {}}      # key -> (lo, hi) bytes per partition of placed tiles
+        self.addr_union = {"sbuf": 0, "psum": 0}
+        self.backing = {}                              # buffer -> (uint8 bytes, PSUM matmul flags)
 
 
 _state = _State()
@@ -52,6 +57,9 @@ def _new_epoch():
     _state.live = {"sbuf": {}, "psum": {}}
     _state.used = {"sbuf": 0, "psum": 0}
     _state.peak = {"sbuf": 0, "psum": 0}
+    _state.addr_live = {"sbuf": {}, "psum": {}}
+    _state.addr_union = {"sbuf": 0, "psum": 0}
+    _state.backing = {}
 
 
 def begin_launch():
@@ -113,3 +121,66 @@ def _free(buffer, key, launch):
     a = st.live[buffer].pop(key, None)
     if a is not None:
         st.used[buffer] -= a.nbytes
+
+
+# ---------------------------------------------------------------------------------------- explicit addresses
+# nl.ndarray(..., address=(partition, byte_offset)): tiles live in one byte array per buffer and launch, so tiles
+# whose ranges overlap share bytes; the capacity they use is the union of their byte ranges (PSUM: whole banks).
+def backing(buffer):
+    """(bytes [128 * limit], matmul flags per 4 bytes) of ``buffer``'s explicitly addressed space this launch;
+    fresh bytes are 0xFF (NaN in every float dtype)."""
+    b = _state.backing.get(buffer)
+    if b is None:
+        n = 128 * LIMITS[buffer]
+        b = (np.full(n, 0xFF, np.uint8), np.zeros(n // 4, bool))
+        _state.backing[buffer] = b
+    return b
+
+
+def _union(ranges):
+    total, end = 0, None
+    for lo, hi in sorted(ranges):
+        if end is None or lo >= end:
+            total += hi - lo
+            end = hi
+        elif hi > end:
+            total += hi - end
+            end = hi
+    return total
+
+
+def track_at(storage, buffer, lo, hi, name, shape, dtype, where):
+    """Register a tile placed at bytes [lo, hi) of each of its partitions (checked against the buffer's usable
+    bytes per partition); raises CapacityError when the live total would exceed the limit."""
+    limit = LIMITS[buffer]
+    if lo < 0 or hi > limit:
+        raise ConstraintError(f"rule address.range: ndarray operand '{name or 'tile'}' address bytes {lo}..{hi} of "
+                              f"{buffer} lie outside 0..{limit} per partition (limit {limit})")
+    if buffer == "psum":
+        lo, hi = lo // PSUM_BANK_BYTES * PSUM_BANK_BYTES, -(-hi // PSUM_BANK_BYTES) * PSUM_BANK_BYTES
+    st = _state
+    live = st.addr_live[buffer]
+    new_union = _union(list(live.values()) + [(lo, hi)])
+    grow = new_union - st.addr_union[buffer]
+    if st.used[buffer] + grow > limit:
+        unit = "SBUF bytes per partition" if buffer == "sbuf" else "PSUM bytes per partition (2 KiB banks)"
+        raise CapacityError(
+            f"rule capacity.{buffer}: placing {name or '<unnamed>'} {list(shape)} {dtype} at bytes {lo}..{hi} at "
+            f"{where} brings live {unit} to {st.used[buffer] + grow} (limit {limit})")
+    key = st.next_id
+    st.next_id += 1
+    live[key] = (lo, hi)
+    st.addr_union[buffer] = new_union
+    st.used[buffer] += grow
+    if st.used[buffer] > st.peak[buffer]:
+        st.peak[buffer] = st.used[buffer]
+    weakref.finalize(storage, _free_at, buffer, key, st.launch)
+
+
+def _free_at(buffer, key, launch):
+    st = _state
+    if launch != st.launch or st.addr_live[buffer].pop(key, None) is None:
+        return
+    new_union = _union(st.addr_live[buffer].values())
+    st.used[buffer] -= st.addr_union[buffer] - new_union
+    st.addr_union[buffer] = new_union

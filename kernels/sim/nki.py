@@ -1,7 +1,9 @@
-"""The ``nki`` namespace of the interpreter: ``nki.jit``, ``nki.simulate``, ``nki.language``, ``nki.isa``."""
-from . import isa, language  # noqa: F401
-from .jit import jit, simulate, Kernel  # noqa: F401
-from .tensor import NkiTensor as tensor  # noqa: F401
+"""The ``nki`` namespace of the interpreter: ``nki.jit``, ``nki.simulate``, ``nki.language``, ``nki.isa``,
+``nki.collectives``, ``nki.typing`` and ``nki.dtype`` (the official NKI 0.6 top level)."""
+from . import collectives, isa, language, typing  # noqa: F401
+from .jit import jit, simulate  # noqa: F401
+
+dtype = language.DType
 
 __version__ = "0.6.0+sim"
-SIMULATED = True   # marker: this is kernels.sim's interpreter, not the real NKI package
+_SIMULATED = True   # marker: this is kernels.sim's interpreter, not the real NKI package

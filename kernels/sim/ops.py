@@ -10,9 +10,10 @@ _f32 = np.float32
 
 
 class Op:
-    __slots__ = ("name", "kind", "fn", "unary", "reduce", "wrapper", "identity", "__doc__")
+    __slots__ = ("name", "kind", "fn", "unary", "reduce", "wrapper", "identity", "min_version", "__doc__",
+                 "__signature__")
 
-    def __init__(self, name, kind, fn=None, unary=None, reduce=None, identity=None, doc=None):
+    def __init__(self, name, kind, fn=None, unary=None, reduce=None, identity=None, doc=None, min_version=2):
         self.name = name
         self.kind = kind          # "arith" | "bitvec" | "compare" | "logical" | "unary" | "reduction"
         self.fn = fn              # binary: fn(a, b) on float32 (or int for bitvec)
@@ -20,6 +21,7 @@ class Op:
         self.reduce = reduce      # reduction along trailing axes: reduce(x, axes)
         self.identity = identity  # reduction identity (initial register value)
         self.wrapper = None       # nl wrapper (set by language.py)
+        self.min_version = min_version   # first NeuronCore generation that has the operator
         self.__doc__ = doc or f"nki.language.{name}"
 
     def __call__(self, *args, **kwargs):
@@ -79,9 +81,26 @@ for _name, _kind, _fn, _red, _id in [
     ("bitwise_or", "bitvec", np.bitwise_or, lambda x, ax: np.bitwise_or.reduce(x, axis=ax), 0),
     ("bitwise_xor", "bitvec", np.bitwise_xor, lambda x, ax: np.bitwise_xor.reduce(x, axis=ax), 0),
     ("left_shift", "bitvec", np.left_shift, None, None),
-    ("right_shift", "bitvec", np.right_shift, None, None),
+    ("right_shift", "bitvec", np.right_shift, None, None),   # logical: isa.py shifts the unsigned bit pattern
 ]:
     BINARY[_name] = Op(_name, _kind, fn=_fn, reduce=_red, identity=_id)
+
+
+def _abs_pick(larger):
+    # the input of larger (smaller) magnitude, keeping its sign; ties return y (nl.abs_max/abs_min docs)
+    def f(a, b):
+        a, b = np.broadcast_arrays(a, b)
+        pick_a = np.abs(a) > np.abs(b) if larger else np.abs(a) < np.abs(b)
+        return np.where(pick_a, a, b)
+    return f
+
+
+BINARY["abs_max"] = Op("abs_max", "arith", fn=_abs_pick(True), min_version=4)
+BINARY["abs_min"] = Op("abs_min", "arith", fn=_abs_pick(False), min_version=4)
+# nl.bypass: "no-op operator that passes data through unchanged" (op0/op1 of activate2)
+BYPASS = Op("bypass", "bypass", fn=lambda a, b: a)
+# nl.average: the mean reduction of nisa.tensor_partition_reduce (spec 2.5 "add/average/max/bitwise_or/and")
+AVERAGE = Op("average", "reduction", reduce=lambda x, ax: np.mean(x, axis=ax, dtype=_f32))
 
 
 def _sigmoid(x):
@@ -131,7 +150,7 @@ def _quiet(f):
 
 UNARY = {}
 for _name, _fn in [
-    ("copy", lambda x: x), ("identity", lambda x: x),
+    ("copy", lambda x: x),
     ("exp", np.exp), ("log", np.log), ("sqrt", np.sqrt),
     ("rsqrt", lambda x: _f32(1.0) / np.sqrt(x)), ("reciprocal", lambda x: _f32(1.0) / x),
     ("sigmoid", _sigmoid), ("tanh", np.tanh), ("square", np.square), ("relu", lambda x: np.maximum(x, _f32(0))),
@@ -145,53 +164,79 @@ for _name, _fn in [
     ("sin", np.sin), ("cos", np.cos), ("tan", np.tan), ("arctan", np.arctan),
     ("sign", np.sign), ("abs", np.abs), ("negative", np.negative),
     ("ceil", np.ceil), ("floor", np.floor), ("trunc", np.trunc),
+    ("prelu", lambda x: np.maximum(x, _f32(0))),   # slope 0 for x < 0 unless activate2(relu_param=)
 ]:
     UNARY[_name] = Op(_name, "unary", unary=_quiet(_fn))
 
-# numpy callables accepted as op= by legacy-style code
-NUMPY_ALIASES = {
-    np.add: "add", np.subtract: "subtract", np.multiply: "multiply", np.divide: "divide",
-    np.maximum: "maximum", np.minimum: "minimum", np.max: "maximum", np.min: "minimum", np.sum: "add",
-    np.power: "power", np.equal: "equal", np.not_equal: "not_equal", np.less: "less",
-    np.less_equal: "less_equal", np.greater: "greater", np.greater_equal: "greater_equal",
-    np.bitwise_and: "bitwise_and", np.bitwise_or: "bitwise_or", np.bitwise_xor: "bitwise_xor",
-    np.left_shift: "left_shift", np.right_shift: "right_shift", np.logical_and: "logical_and",
-    np.logical_or: "logical_or", np.logical_xor: "logical_xor", np.prod: "multiply",
+# Which operators each instruction accepts, and where the rule comes from (docs pages under
+# awsdocs-neuron.readthedocs-hosted.com/en/v2.32.0/nki/api/; spec = /work/shared/docs/nki-spec.md).
+OP_RULES = {
+    # "Supported Activation Functions for NKI ISA" (nki.api.shared, nki-act-func; spec 2.4): no cos/tan/floor/...
+    "activation": ("copy", "square", "sigmoid", "relu", "prelu", "gelu", "gelu_dx", "gelu_apprx_tanh",
+                   "gelu_apprx_sigmoid", "gelu_apprx_sigmoid_dx", "silu", "silu_dx", "tanh", "softplus", "mish",
+                   "erf", "erf_dx", "exp", "log", "sin", "arctan", "sqrt", "rsqrt", "reciprocal", "sign", "abs"),
+    # nki.isa.tensor_scalar: op0 may be a unary operator ("Must be None or 0 when op0 is a unary operator (e.g.,
+    # nl.abs)"); the unary ALU operators of the nki-aluop table
+    "tensor_scalar.unary": ("abs", "square", "relu", "rsqrt", "reciprocal"),
+    # nki.isa.tensor_scalar_reduce: "The reduce_op can be any of nl.add, nl.multiply, nl.max or nl.min"
+    "tensor_scalar_reduce.reduce_op": ("add", "multiply", "maximum", "minimum"),
+    # nki.isa.tensor_scalar_reduce reduce_cmd: "Supported: reset_reduce (default), reduce, load_reduce"
+    "tensor_scalar_reduce.reduce_cmd": ("reset_reduce", "reduce", "load_reduce"),
+    # nki.isa.tensor_partition_reduce: "the reduction operator (add, max, bitwise_or, bitwise_and)"; spec 2.5 adds
+    # average
+    "tensor_partition_reduce": ("add", "maximum", "bitwise_or", "bitwise_and", "average"),
+    # nki.isa.tensor_reduce: the "Legal reduction" column of nki-aluop (spec 2.5)
+    "tensor_reduce": ("add", "subtract", "multiply", "maximum", "minimum", "bitwise_and", "bitwise_or",
+                      "bitwise_xor", "logical_and", "logical_or", "logical_xor"),
+    # nki.isa.range_select / affine_select comparison operators
+    "compare": ("equal", "less", "less_equal", "greater", "greater_equal", "not_equal"),
+    # nki.isa.tensor_scalar_cumulative: "Reduction operation (op1) is limited to add, subtract, mult, max, min"
+    "tensor_scalar_cumulative.op1": ("add", "subtract", "multiply", "maximum", "minimum"),
 }
-NUMPY_UNARY = {np.exp: "exp", np.log: "log", np.sqrt: "sqrt", np.tanh: "tanh", np.square: "square",
-               np.sin: "sin", np.cos: "cos", np.abs: "abs", np.sign: "sign", np.negative: "negative",
-               np.reciprocal: "reciprocal", np.arctan: "arctan"}
-REDUCTION_ALIASES = {}   # nl.sum -> add, nl.max -> maximum ... (filled by language.py)
+# nl functions that may be named as a reduce_op where a page says so (tensor_scalar_reduce: "nl.max or nl.min")
+REDUCTION_NAMES = {"max": "maximum", "min": "minimum"}
 
 
-def binary(op, instr, role="op"):
+def _not_an_op(op, instr, role, rule, what):
     from .errors import ConstraintError
-    if isinstance(op, Op):
-        if op.fn is not None:
-            return op
-        alias = REDUCTION_ALIASES.get(op.name)
-        if alias:
-            return BINARY[alias]
+    mod = getattr(type(op), "__module__", "") or ""
+    if mod == "numpy" or type(op).__name__ in ("ufunc", "_ArrayFunctionDispatcher", "function") and \
+            getattr(op, "__module__", "") == "numpy":
+        hint = f"numpy's {getattr(op, '__name__', op)} is not an NKI operator; pass the nl operator (e.g. nl.add)"
     else:
-        name = getattr(op, "op_name", None)      # nl.sum / nl.max / ... used as an ALU op
-        if name is None:
-            try:
-                name = NUMPY_ALIASES.get(op)
-            except TypeError:
-                name = None
-        if name:
-            return BINARY[name]
-    raise ConstraintError(f"rule op.binary: {instr} operand '{role}' {op!r} is not a binary ALU operator")
+        hint = f"{op!r} is not {what}"
+    raise ConstraintError(f"rule {rule}: {instr} operand '{role}' {hint}")
 
 
-def unary(op, instr, role="op"):
-    from .errors import ConstraintError
-    if isinstance(op, Op) and op.unary is not None:
-        return op
-    try:
-        name = NUMPY_UNARY.get(op)
-    except TypeError:
-        name = None
-    if name:
-        return UNARY[name]
-    raise ConstraintError(f"rule op.activation: {instr} operand '{role}' {op!r} is not an activation function")
+def binary(op, instr, role="op", allowed=None, reduction_names=False):
+    """The ALU operator ``op`` (an nl operator object), optionally restricted to the names in ``allowed``."""
+    if not isinstance(op, Op):
+        name = getattr(op, "name", None)
+        if reduction_names and isinstance(name, str) and name in REDUCTION_NAMES and hasattr(op, "op_name"):
+            op = BINARY[REDUCTION_NAMES[name]]
+        else:
+            _not_an_op(op, instr, role, "op.binary", "a binary ALU operator (nl.add, nl.maximum, ...)")
+    if op.fn is None and op.reduce is None:
+        _not_an_op(op, instr, role, "op.binary", "a binary ALU operator")
+    if allowed is not None and op.name not in allowed:
+        from .errors import ConstraintError
+        raise ConstraintError(f"rule op.{instr}: {instr} operand '{role}' nl.{op.name} is not one of the operators "
+                              f"{instr} accepts ({', '.join('nl.' + a for a in allowed)})")
+    _require_version(op, instr, role)
+    return op
+
+
+def unary(op, instr, role="op", allowed=None):
+    if not isinstance(op, Op) or op.unary is None:
+        _not_an_op(op, instr, role, "op.activation", "an activation function (nl.exp, nl.copy, ...)")
+    if allowed is not None and op.name not in allowed:
+        from .errors import ConstraintError
+        raise ConstraintError(f"rule op.{instr}: {instr} operand '{role}' nl.{op.name} is not in the {instr} "
+                              f"function table ({', '.join('nl.' + a for a in allowed)})")
+    return op
+
+
+def _require_version(op, instr, role):
+    if op.min_version > 2:
+        from . import target
+        target.require(op.min_version, instr, f"operand '{role}' nl.{op.name}")

@@ -16,7 +16,8 @@ import numpy as np
 
 from . import dtypes as _dt
 from . import memory
-from .errors import ConstraintError
+from .errors import ConstraintError, LanguageError
+from .objects import NKIObject, REGION_OF
 
 ONCHIP = ("sbuf", "psum")
 HBM_BUFFERS = ("hbm", "private_hbm", "shared_hbm")
@@ -64,6 +65,21 @@ def _caller_location():
     return f"{f.f_code.co_filename}:{f.f_lineno}" if f is not None else "?"
 
 
+def _kernel_line():
+    """file:line of the first frame outside kernels.sim, numpy and torch (the kernel's own source line)."""
+    f = sys._getframe(2)
+    while f is not None:
+        fn = f.f_code.co_filename
+        if not (fn.startswith(_SIM_DIR) or "/numpy/" in fn or "/torch/" in fn or fn.startswith("<__array_function")):
+            break
+        f = f.f_back
+    if f is None:
+        return "?"
+    import linecache
+    src = linecache.getline(f.f_code.co_filename, f.f_lineno).strip()
+    return f"{f.f_code.co_filename}:{f.f_lineno}" + (f" ({src})" if src else "")
+
+
 def _prod(shape):
     n = 1
     for s in shape:
@@ -99,6 +115,47 @@ def allocate(shape, dtype, buffer, name="", fill=None):
     return NkiTensor(st, flat, shape, strides, 0, dtype)
 
 
+def allocate_at(shape, dtype, buffer, name, address):
+    """An SBUF/PSUM tile at ``address = (partition, byte_offset)`` of its buffer's shared placement space (see
+    kernels.sim.memory.backing): overlapping placements see each other's bytes. The storage covers the whole
+    space from the tile's origin on; ``Storage.space = ("addr", buffer)`` and ``Storage.base = address`` place it
+    for the trace."""
+    dtype = _dt.normalize(dtype)
+    shape = tuple(int(s) for s in shape)
+    buffer = _buffer_name(buffer)
+    if buffer not in ONCHIP:
+        raise ConstraintError(f"rule address.buffer: ndarray operand '{name or 'tile'}' address= places SBUF/PSUM "
+                              f"tiles only, not {buffer}")
+    if len(shape) < 2 or shape[0] > 128 or any(s <= 0 for s in shape):
+        raise ConstraintError(f"rule rank.onchip: ndarray operand '{name or 'tile'}' shape {shape} must be 2-D or "
+                              "more with at most 128 partitions (limit 128)")
+    try:
+        p0, off = (int(a) for a in address)
+    except (TypeError, ValueError):
+        raise ConstraintError(f"rule address.form: ndarray operand '{name or 'tile'}' address {address!r} must be "
+                              "(partition, byte_offset)") from None
+    isz = dtype.itemsize
+    limit = memory.LIMITS[buffer]
+    free_bytes = _prod(shape[1:]) * isz
+    if off % isz:
+        raise ConstraintError(f"rule address.align: ndarray operand '{name or 'tile'}' byte offset {off} is not a "
+                              f"multiple of the {_dt.name(dtype)} size {isz} (limit {isz}-byte alignment)")
+    if p0 < 0 or p0 + shape[0] > 128:
+        raise ConstraintError(f"rule address.range: ndarray operand '{name or 'tile'}' partitions {p0}.."
+                              f"{p0 + shape[0] - 1} exceed 128 (limit 128)")
+    raw, flags = memory.backing(buffer)
+    start = p0 * limit + off
+    sdt = np.dtype(np.float32) if _dt.is_tf32(dtype) else dtype
+    n_bytes = (len(raw) - start) // isz * isz
+    flat = raw[start:start + n_bytes].view(sdt)
+    st = Storage(flat, buffer, name, limit // isz, space=("addr", buffer), base=(p0, off))
+    memory.track_at(st, buffer, off, off + free_bytes, name, shape, _dt.name(dtype), _caller_location())
+    if buffer == "psum":
+        st.mm_written = flags[start // 4:start // 4 + n_bytes // 4]
+    strides = (limit // isz,) + _contiguous_strides(shape[1:])
+    return NkiTensor(st, flat, shape, strides, 0, dtype)
+
+
 def _contiguous_strides(shape):
     strides = [1] * len(shape)
     for i in range(len(shape) - 2, -1, -1):
@@ -125,11 +182,13 @@ def from_numpy(arr, buffer="hbm", name=""):
     return NkiTensor(st, flat, tuple(arr.shape), _contiguous_strides(arr.shape), 0, dtype)
 
 
-class NkiTensor:
-    """A view of a storage: ``shape``, ``strides`` and ``offset`` in elements, ``dtype``, ``buffer``, ``name``."""
-    __slots__ = ("_st", "_flat", "shape", "strides", "offset", "dtype", "_np")
+class NkiTensor(NKIObject):
+    """A view of a storage: ``shape``, ``strides`` and ``offset`` in elements, ``dtype``, ``buffer`` (an
+    nl.MemoryRegion), ``name``. ``_ind`` marks an indirect view (dynamic select / ``.ap(vector_offset=)``):
+    ("vector", index tile, dim) or ("scalar", value, dim)."""
+    __slots__ = ("_st", "_flat", "shape", "strides", "offset", "dtype", "_np", "_ind")
 
-    def __init__(self, st, flat, shape, strides, offset, dtype):
+    def __init__(self, st, flat, shape, strides, offset, dtype, ind=None):
         self._st = st
         self._flat = flat          # flat array of the storage's bytes seen as this view's dtype
         self.shape = shape
@@ -137,11 +196,12 @@ class NkiTensor:
         self.offset = offset
         self.dtype = dtype
         self._np = None
+        self._ind = ind
 
     # ---- basic facts -------------------------------------------------------------------------------------------
     @property
     def buffer(self):
-        return self._st.buffer
+        return REGION_OF[self._st.buffer]
 
     @property
     def name(self):
@@ -164,18 +224,58 @@ class NkiTensor:
         return _prod(self.shape) * self.dtype.itemsize
 
     @property
-    def onchip(self):
+    def _onchip(self):
         return self._st.buffer in ONCHIP
 
-    def free_size(self):
+    def _free(self):
         """Elements per partition of this view (product of the free dims)."""
         return _prod(self.shape[1:])
 
-    def partition_start(self):
+    def _pstart(self):
         """First partition of an on-chip view."""
         st = self._st
         fs = st.free_size * st.flat.itemsize // self._flat.itemsize
-        return self.offset // fs if st.buffer in ONCHIP else 0
+        return self.offset // fs + st.base[0] if st.buffer in ONCHIP else 0
+
+    # ---- the NKI language's Python subset (NKI language guide): tensor values never reach Python -------------
+    def _refuse(self, what):
+        raise LanguageError(f"rule language.tensor_value: {what} of tensor {self.name or '<unnamed>'} "
+                            f"{list(self.shape)} in {self._st.buffer} at {_kernel_line()}: a kernel cannot read "
+                            "tensor values into Python (the NKI compiler traces the kernel; values exist only on "
+                            "the device). Use nisa/nl instructions, nl.device_print to inspect, or "
+                            "nisa.register_load for a loop bound")
+
+    def __array__(self, dtype=None, copy=None):
+        self._refuse("numpy conversion (np.asarray/np.array/a numpy function)")
+
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        self._refuse(f"numpy ufunc np.{ufunc.__name__}")
+
+    def __array_function__(self, func, types, args, kwargs):
+        self._refuse(f"numpy function np.{getattr(func, '__name__', func)}")
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        t = next((a for a in list(args) + list((kwargs or {}).values()) if isinstance(a, NkiTensor)), None)
+        if t is None:
+            raise LanguageError(f"rule language.tensor_value: torch function {func} called on NKI tensors")
+        t._refuse(f"torch function {getattr(func, '__name__', func)}")
+
+    def __bool__(self):
+        self._refuse("Python truth test (if/while/and/or on a tensor: data-dependent control flow)")
+
+    def __float__(self):
+        self._refuse("float()")
+
+    def __int__(self):
+        self._refuse("int()")
+
+    def __index__(self):
+        self._refuse("use as a Python index/int (data-dependent indexing needs .select(dim, tensor) or "
+                     ".ap(scalar_offset=))")
+
+    def __complex__(self):
+        self._refuse("complex()")
 
     def __repr__(self):
         return (f"NkiTensor(name={self.name!r}, shape={self.shape}, dtype={_dt.name(self.dtype)}, "
@@ -186,7 +286,7 @@ class NkiTensor:
 
     # ---- numpy access ------------------------------------------------------------------------------------------
     @property
-    def np(self):
+    def _v(self):
         """Writable numpy view of the elements (storage dtype; tfloat32 is float32)."""
         a = self._np
         if a is None:
@@ -196,23 +296,22 @@ class NkiTensor:
             self._np = a
         return a
 
-    def read(self):
+    def _f32(self):
         """Values as float32 (a copy only when a cast is needed)."""
-        a = self.np
+        a = self._v
         if a.dtype != np.float32:
             return a.astype(np.float32)
         return a
 
-    def write(self, values):
+    def _write(self, values):
         """Store values with the engines' cast (RNE, int saturation) into this view."""
-        self.np[...] = _dt.cast(values, self.dtype)
-
-    def numpy(self):
-        """A copy of the elements as a numpy array of the tensor's dtype."""
-        return np.array(self.np)
+        self._v[...] = _dt.cast(values, self.dtype)
 
     # ---- views -------------------------------------------------------------------------------------------------
     def _view(self, shape, strides, offset, dtype=None, flat=None):
+        if self._ind is not None and self._ind[0] == "vector":
+            raise ConstraintError(f"rule indirect.view: {self.name!r} is a vector-indirect view; it cannot be "
+                                  "sliced or reshaped further (pass it to the DMA as is)")
         return NkiTensor(self._st, self._flat if flat is None else flat, tuple(shape), tuple(strides), offset,
                          self.dtype if dtype is None else dtype)
 
@@ -287,7 +386,7 @@ class NkiTensor:
         if isinstance(shape, int):
             shape = (shape,)
         shape = tuple(int(s) for s in shape)
-        v = self.np.view()
+        v = self._v.view()
         try:
             v.shape = shape
         except (AttributeError, ValueError):
@@ -297,7 +396,7 @@ class NkiTensor:
                 why = "reshape needs a view whose reshaped dims are contiguous (NKI reshape never copies)"
             raise ValueError(f"cannot reshape tensor {self.name!r} {self.shape} (strides {self.strides}) to "
                              f"{shape}: {why}") from None
-        if self.onchip and (len(v.shape) < 2 or v.shape[0] != self.shape[0]):
+        if self._onchip and (len(v.shape) < 2 or v.shape[0] != self.shape[0]):
             raise ValueError(f"reshape of on-chip tensor {self.name!r} {self.shape} to {tuple(v.shape)} must keep "
                              f"the partition dim {self.shape[0]} and stay >= 2-D")
         isz = self._flat.itemsize
@@ -327,14 +426,78 @@ class NkiTensor:
         return self[tuple(key)]
 
     def select(self, dim, index):
-        if self.onchip and dim == 0:
-            raise ValueError("select on the partition dim of an on-chip tensor; use slice(0, i, i+1)")
+        """Drop ``dim`` at ``index``: an int (static) or a VirtualRegister / [1,1] tile (dynamic; resolved here
+        because execution is eager, the view is then marked indirect)."""
         d = dim % self.ndim
+        dynamic = not isinstance(index, int)
+        if dynamic:
+            if self._ind is not None:
+                raise ConstraintError("rule indirect.chain: select on an already indirect view (one dynamic "
+                                      "select per tensor)")
+            if self._onchip and d == 0:
+                raise ConstraintError("rule indirect.partition: a dynamic select cannot pick the partition dim of "
+                                      "an on-chip tensor")
+            index = _dynamic_value(index, "select")
+        elif self._onchip and d == 0:
+            raise ValueError("select on the partition dim of an on-chip tensor; use slice(0, i, i+1)")
         shape = self.shape[:d] + self.shape[d + 1:]
         strides = self.strides[:d] + self.strides[d + 1:]
         if not 0 <= index < self.shape[d]:
             raise IndexError(f"select index {index} out of bounds for dim {d} of {self.shape}")
-        return self._view(shape or (1,), strides or (1,), self.offset + index * self.strides[d])
+        return NkiTensor(self._st, self._flat, shape or (1,), strides or (1,), self.offset + index * self.strides[d],
+                         self.dtype, ("scalar", index, d) if dynamic else self._ind)
+
+    def vector_select(self, dim, vector_offset):
+        """Per-partition indirect rows of an HBM tensor: row ``vector_offset[p]`` of dim 0 for output partition p
+        (dim must be 0; resolved by the DMA that reads or writes the view)."""
+        if dim != 0:
+            raise ConstraintError(f"rule indirect.dim: vector_select dim must be 0, got {dim}")
+        return self.ap([[self.strides[0], vector_offset.shape[0]]] +
+                       [[s, n] for s, n in zip(self.strides[1:], self.shape[1:])], vector_offset=vector_offset,
+                       indirect_dim=0)
+
+    def is_indirect(self):
+        return self._ind is not None
+
+    def indirect(self, index, num_elem=None):
+        """Tensor Indirection (NeuronCore-v4+)."""
+        from . import target
+        target.require(4, "NkiTensor.indirect", "Tensor Indirection")
+        raise NotImplementedError("NkiTensor.indirect (NeuronCore-v4 Tensor Indirection) is not simulated")
+
+    def rearrange(self, src_pattern, dst_pattern, fixed_sizes=None):
+        """einops-style view: split the grouped dims of ``src_pattern``, reorder to ``dst_pattern``'s order and merge
+        its groups (no copy; merging needs contiguous dims)."""
+        fixed = dict(fixed_sizes or {})
+        if len(src_pattern) != self.ndim:
+            raise ValueError(f"rearrange: src pattern {src_pattern} has {len(src_pattern)} dims, tensor has "
+                             f"{self.ndim}")
+        t, names = self, []
+        for d in range(self.ndim - 1, -1, -1):       # split from the last dim so earlier dim numbers stay valid
+            entry = src_pattern[d]
+            if isinstance(entry, str):
+                names.insert(0, entry)
+                continue
+            sizes = [fixed.get(n, -1) for n in entry]
+            if sizes.count(-1) > 1:
+                raise ValueError(f"rearrange: group {entry} needs fixed_sizes for all but one name")
+            known = _prod(x for x in sizes if x != -1)
+            sizes = [self.shape[d] // known if x == -1 else x for x in sizes]
+            t = t.reshape_dim(d, tuple(sizes))
+            names[0:0] = list(entry)
+        flat_dst = [n for e in dst_pattern for n in ((e,) if isinstance(e, str) else e)]
+        if sorted(flat_dst) != sorted(names):
+            raise ValueError(f"rearrange: dst pattern names {flat_dst} differ from src names {names}")
+        t = t.permute(tuple(names.index(n) for n in flat_dst))
+        d = 0
+        for e in dst_pattern:
+            if isinstance(e, str):
+                d += 1
+                continue
+            if len(e) > 1:
+                t = t.flatten_dims(d, d + len(e) - 1)
+            d += 1
+        return t
 
     def permute(self, dims):
         dims = [d % self.ndim for d in dims]
@@ -351,7 +514,7 @@ class NkiTensor:
         shape[d], strides[d] = int(size), 0
         return self._view(shape, strides, self.offset)
 
-    def broadcast_to(self, shape):
+    def _broadcast_to(self, shape):
         t = self
         for d, (a, b) in enumerate(zip(self.shape, shape)):
             if a != b:
@@ -385,28 +548,76 @@ class NkiTensor:
         return self.reshape(new)
 
     def is_contiguous(self):
+        """Row-major contiguity of the view; on-chip tensors skip the partition dim (partitions are separate
+        memories)."""
+        if self._onchip:
+            return self.strides[1:] == _contiguous_strides(self.shape[1:])
         return self.strides == _contiguous_strides(self.shape)
 
     def get_pattern(self):
-        """Access pattern ``[[stride, count], ...]`` and offset over the storage."""
-        return [[s, n] for s, n in zip(self.strides, self.shape)], self.offset
+        """The view's access pattern ``[[stride, count], ...]`` (one pair per dim, in shape order)."""
+        return [[s, n] for s, n in zip(self.strides, self.shape)]
 
-    def ap(self, pattern, offset=0, scalar_offset=None, vector_offset=None, indirect_dim=0, dtype=None):
-        """Raw access pattern over the underlying storage: ``pattern = [[stride, count], ...]`` in elements,
-        ``offset`` in elements from the storage start. For SBUF/PSUM the first pair is the partition dim and its
-        stride must equal the storage's free size."""
-        if scalar_offset is not None or vector_offset is not None:
-            raise NotImplementedError("ap(scalar_offset=/vector_offset=) (indirect DMA) is not simulated")
+    def reinterpret_cast(self, dtype):
+        return self.view(dtype)
+
+    def ap(self, pattern, offset=None, scalar_offset=None, vector_offset=None, indirect_dim=0, dtype=None):
+        """Raw access pattern over the underlying storage: ``pattern = [[stride, count], ...]`` in elements;
+        ``offset`` (elements) is added to this view's offset (None keeps it). For SBUF/PSUM the first pair is the
+        partition dim and its stride must equal the storage's free size. ``scalar_offset`` (a VirtualRegister or
+        [1,1] tile) adds ``value * stride(indirect_dim)``; ``vector_offset`` (a [P,1] integer SBUF tile, on an HBM
+        tensor) makes dim ``indirect_dim`` per-partition rows, resolved by the DMA that uses the view."""
+        if scalar_offset is not None and vector_offset is not None:
+            raise ConstraintError("rule indirect.exclusive: ap() takes scalar_offset or vector_offset, not both")
+        if self._ind is not None and (scalar_offset is not None or vector_offset is not None):
+            raise ConstraintError("rule indirect.chain: an indirect view cannot be re-indirected")
         pattern = [(int(s), int(n)) for s, n in pattern]
         t = self if dtype is None else self.view(dtype)
         st = self._st
         if st.buffer in ONCHIP and pattern[0][1] > 1 and pattern[0][0] != st.free_size:
             raise ConstraintError(f"rule ap.partition_stride: ap operand '{self.name}' partition stride "
                                   f"{pattern[0][0]} must equal the storage free size (limit {st.free_size})")
-        off = int(offset or 0)
+        off = t.offset + int(offset or 0)
+        ind = self._ind
+        if not 0 <= indirect_dim < len(pattern):
+            raise ConstraintError(f"rule indirect.dim: indirect_dim {indirect_dim} is not a dim of pattern {pattern}")
+        if scalar_offset is not None:
+            off += _dynamic_value(scalar_offset, "ap(scalar_offset=)") * pattern[indirect_dim][0]
+            ind = ("scalar", off, indirect_dim)
+        if vector_offset is not None:
+            if st.buffer in ONCHIP:
+                raise ConstraintError("rule indirect.buffer: ap(vector_offset=) indexes an HBM tensor; "
+                                      f"{self.name!r} is in {st.buffer}")
+            if not isinstance(vector_offset, NkiTensor) or vector_offset._st.buffer != "sbuf" or \
+                    vector_offset.dtype.kind not in "iu" or vector_offset._free() != 1:
+                raise ConstraintError("rule indirect.vector_offset: vector_offset must be an integer [P,1] SBUF "
+                                      "tile")
+            if pattern[indirect_dim][1] != vector_offset.shape[0]:
+                raise ConstraintError(f"rule indirect.vector_offset: pattern dim {indirect_dim} count "
+                                      f"{pattern[indirect_dim][1]} must equal vector_offset partitions "
+                                      f"{vector_offset.shape[0]}")
+            return NkiTensor(st, t._flat, tuple(n for _, n in pattern), tuple(s for s, _ in pattern), off, t.dtype,
+                             ("vector", vector_offset, indirect_dim))
         lo = off + sum(s * (n - 1) for s, n in pattern if s < 0)
         hi = off + sum(s * (n - 1) for s, n in pattern if s > 0)
         if lo < 0 or hi >= t._flat.size:
             raise IndexError(f"ap pattern {pattern} offset {off} reaches elements {lo}..{hi} outside tensor "
                              f"{self.name!r} storage of {t._flat.size} elements")
-        return NkiTensor(st, t._flat, tuple(n for _, n in pattern), tuple(s for s, _ in pattern), off, t.dtype)
+        return NkiTensor(st, t._flat, tuple(n for _, n in pattern), tuple(s for s, _ in pattern), off, t.dtype, ind)
+
+
+def _dynamic_value(x, where):
+    """The value of a dynamic index: a VirtualRegister, or a one-element integer SBUF/HBM tile (read here: the
+    interpreter executes eagerly, so the value the device would use is known)."""
+    if isinstance(x, NkiTensor):
+        if x.size != 1 or x.dtype.kind not in "iu":
+            raise ConstraintError(f"rule indirect.scalar: {where} needs a one-element integer tile, got "
+                                  f"{list(x.shape)} {_dt.name(x.dtype)}")
+        return int(x._v.reshape(-1)[0])
+    get = getattr(x, "_get", None)
+    if get is not None:
+        return get(where)
+    if isinstance(x, (int, np.integer)):
+        return int(x)
+    raise ConstraintError(f"rule indirect.scalar: {where} needs a VirtualRegister or a [1,1] integer tile, got "
+                          f"{type(x).__name__}")
