@@ -69,10 +69,11 @@ from . import isa as nisa
 from . import language as nl
 from . import nki
 from . import memory, target, trace  # noqa: F401
-from .errors import CapacityError, ConstraintError
+from .errors import CapacityError, ConstraintError, LanguageError
 from .tensor import NkiTensor
 
-__all__ = ["nki", "nl", "nisa", "ConstraintError", "CapacityError", "install_as_nki", "trace", "NkiTensor",
+__all__ = ["nki", "nl", "nisa", "ConstraintError", "CapacityError", "LanguageError", "install_as_nki", "trace",
+           "NkiTensor",
            "memory", "target"]
 
 

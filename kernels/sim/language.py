@@ -495,7 +495,7 @@ def _broadcast_partitions(out, x):
     _isa.memset(ones_t, 1.0)
     flat_out = out.reshape((p, n))
     for c0 in range(0, n, 512):
-        w = min(512, n - c0)
+        w = 512 if n - c0 > 512 else n - c0
         ps = ndarray((p, w), float32, psum, "broadcast_ps")
         _isa.nc_matmul(ps, ones_t, src[:, c0:c0 + w], accumulate=False)
         _isa.tensor_copy(flat_out[:, c0:c0 + w], ps)
