@@ -46,29 +46,44 @@ class ParallelError(ValueError):
 
 # --------------------------------------------------------------------------- process groups
 
-def make_groups(tp_size: int):
-    """(tp_group, dp_group) for this rank, after ``dist.init_process_group``.
+def make_groups(tp_size: int, pp_size: int | None = None):
+    """(tp_group, dp_group) for this rank, after ``dist.init_process_group``; with ``pp_size`` given,
+    (tp_group, pp_group, dp_group).
 
-    TP groups are blocks of consecutive ranks (on one trn1 node: its NeuronCores), DP groups the ranks with
-    equal TP rank. Every rank creates every group in the same order, as ``dist.new_group`` requires.
+    Rank layout: rank = (pp_rank * dp + dp_rank) * tp + tp_rank. TP groups are blocks of consecutive ranks (on one
+    trn1 node: its NeuronCores), DP groups the ranks of one pipeline stage with equal TP rank, PP groups the ranks
+    with equal (dp_rank, tp_rank): a stage holds tp * dp consecutive ranks, so stages can be whole nodes and only
+    the pipeline's point-to-point activations cross EFA. Every rank creates every group in the same order, as
+    ``dist.new_group`` requires.
     """
     if not dist.is_initialized():
         raise RuntimeError("llama.parallel.make_groups: call torch.distributed.init_process_group first")
     world, rank = dist.get_world_size(), dist.get_rank()
-    if tp_size < 1 or world % tp_size:
-        raise ParallelError(f"make_groups: tp_size {tp_size} must divide the world size {world}")
-    tp_group = dp_group = None
-    for i in range(world // tp_size):
-        ranks = list(range(i * tp_size, (i + 1) * tp_size))
-        g = dist.new_group(ranks)
-        if rank in ranks:
-            tp_group = g
-    for j in range(tp_size):
-        ranks = list(range(j, world, tp_size))
-        g = dist.new_group(ranks)
-        if rank in ranks:
-            dp_group = g
-    return tp_group, dp_group
+    pp = 1 if pp_size is None else pp_size
+    if tp_size < 1 or pp < 1 or world % (tp_size * pp):
+        raise ParallelError(f"make_groups: tp_size {tp_size} x pp_size {pp} = {tp_size * pp} must divide the "
+                            f"world size {world} (world = tp x pp x dp)")
+    dp = world // (tp_size * pp)
+
+    def mine(all_ranks):
+        found = None
+        for ranks in all_ranks:
+            g = dist.new_group(ranks)
+            if rank in ranks:
+                found = g
+        return found
+
+    tp_group = mine([list(range(i * tp_size, (i + 1) * tp_size)) for i in range(world // tp_size)])
+    dp_group = mine([[(s * dp + d) * tp_size + t for d in range(dp)] for s in range(pp) for t in range(tp_size)])
+    if pp_size is None:
+        return tp_group, dp_group
+    pp_group = mine([[(s * dp + d) * tp_size + t for s in range(pp)] for d in range(dp) for t in range(tp_size)])
+    return tp_group, pp_group, dp_group
+
+
+def layout_ranks(rank: int, tp: int, pp: int, dp: int) -> tuple[int, int, int]:
+    """(tp_rank, pp_rank, dp_rank) of a global rank in ``make_groups``' layout."""
+    return rank % tp, rank // (tp * dp), rank // tp % dp
 
 
 def _size_rank(group):
@@ -594,5 +609,5 @@ def apply_activation_checkpointing(model: Llama, mode: str = "full") -> Llama:
 
 
 __all__ = ["ParallelError", "ShardSpec", "TPState", "allreduce_replicated_grads", "apply_activation_checkpointing",
-           "full_state_dict", "gather_tensor", "is_tp_replicated", "make_groups", "padded_vocab", "parallelize",
-           "plan", "shard_tensor", "tp_group_of", "tp_replicas"]
+           "full_state_dict", "gather_tensor", "is_tp_replicated", "layout_ranks", "make_groups", "padded_vocab",
+           "parallelize", "plan", "shard_tensor", "tp_group_of", "tp_replicas"]

@@ -120,6 +120,9 @@ def check_layout(cfg: LlamaConfig, world: int, tp: int, pp: int, schedule: str =
         raise ParallelError(f"pipeline layout: pp {pp} x {virtual} virtual stage(s) = {n_stages} stages, but "
                             f"num_layers is only {cfg.num_layers} (each stage needs at least one decoder layer)")
     split_layers(cfg, n_stages, split)
+    if cfg.tie_word_embeddings and n_stages > 1:
+        raise ParallelError("pipeline layout: tie_word_embeddings with more than one stage would put the embedding "
+                            "and the LM head (one tensor) on two ranks; not supported")
     if n_microbatches is not None and pp > 1:
         if schedule in ("1f1b", "interleaved") and n_microbatches < pp:
             raise ParallelError(f"pipeline layout: schedule {schedule!r} needs at least pp = {pp} micro-batches "
@@ -161,10 +164,8 @@ class StageModule(nn.Module):
         self.norm = model.norm if self.is_last else None
         if self.is_last:
             self.lm_head, self.loss_fn = model.lm_head, model.loss_fn
-        tied = model.config.tie_word_embeddings
-        if tied and n_stages > 1 and (self.is_first or self.is_last):
-            raise ParallelError("pipeline: tie_word_embeddings with more than one stage would need the embedding "
-                                "and LM head (one tensor) on two ranks; not supported")
+        if model.config.tie_word_embeddings and n_stages > 1:
+            raise ParallelError("pipeline: tie_word_embeddings with more than one stage is not supported")
 
     def _seq_len(self, h):
         st = self._tp
