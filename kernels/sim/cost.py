@@ -383,7 +383,7 @@ class _Scheduler:
             if "r" in o.access:                                        # RAW
                 for wr, (wi, we) in sp.writes.items():
                     if _overlap(r, wr):
-                        lat = 0.0 if (engine == "dma" or we == "dma" or we == engine == "tensor") else _LAT_NS[we]
+                        lat = 0.0 if (engine == "dma" or we == engine == "tensor") else _LAT_NS.get(we, 0.0)
                         if deps.get(wi, -1.0) < lat:
                             deps[wi] = lat
             if "w" in o.access:                                        # WAR
