@@ -50,8 +50,9 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def rank_file(tp_rank: int, dp_rank: int) -> str:
-    return f"rank_tp{tp_rank}_dp{dp_rank}.pt"
+def rank_file(tp_rank: int, dp_rank: int, pp_rank: int = 0) -> str:
+    """The rank's file name; pipeline stages after the first add ``_pp{p}`` (PP 1 keeps the original names)."""
+    return f"rank_tp{tp_rank}_pp{pp_rank}_dp{dp_rank}.pt" if pp_rank else f"rank_tp{tp_rank}_dp{dp_rank}.pt"
 
 
 def _barrier():
@@ -125,7 +126,8 @@ def diff_identity(saved: dict, current: dict) -> list[str]:
                                                                                    default=str)]
 
 
-def save(out_dir: str, step: int, state: dict, meta: dict, tp_rank: int, dp_rank: int, keep_last: int) -> str:
+def save(out_dir: str, step: int, state: dict, meta: dict, tp_rank: int, dp_rank: int, keep_last: int,
+         pp_rank: int = 0) -> str:
     """Collective: every rank calls it with its own ``state``; returns the final directory."""
     root = checkpoint_root(out_dir)
     final = os.path.join(root, f"step_{step:06d}")
@@ -139,7 +141,7 @@ def save(out_dir: str, step: int, state: dict, meta: dict, tp_rank: int, dp_rank
         tmp = os.path.join(root, f"step_{step:06d}.tmp-{os.getpid()}")
         os.makedirs(tmp)
     tmp = _broadcast_str(tmp)
-    name = rank_file(tp_rank, dp_rank)
+    name = rank_file(tp_rank, dp_rank, pp_rank)
     fpath = os.path.join(tmp, name)
     with open(fpath, "wb") as fh:
         torch.save(state, fh)
@@ -184,10 +186,11 @@ def _remove_final(path: str) -> None:
     shutil.rmtree(doomed, ignore_errors=True)
 
 
-def load(path: str, tp_rank: int, dp_rank: int) -> dict:
-    f = os.path.join(path, rank_file(tp_rank, dp_rank))
+def load(path: str, tp_rank: int, dp_rank: int, pp_rank: int = 0) -> dict:
+    f = os.path.join(path, rank_file(tp_rank, dp_rank, pp_rank))
     if not os.path.isfile(f):
-        raise CheckpointError(f"checkpoint {path} has no file for tp rank {tp_rank}, dp rank {dp_rank} ({f})")
+        raise CheckpointError(f"checkpoint {path} has no file for tp rank {tp_rank}, pp rank {pp_rank}, dp rank "
+                              f"{dp_rank} ({f})")
     try:
         return torch.load(f, map_location="cpu", weights_only=False)
     except Exception as e:                     # torch raises several types for truncated / garbage files
