@@ -51,7 +51,7 @@ def onchip(t, instr, role, allowed=ONCHIP, align=True):
         if c > 65535 or not -32768 <= s <= 32767:
             fail("access_pattern.range", instr, role, f"free dims {list(shape[1:])} with strides "
                  f"{list(t.strides[1:])} exceed the hardware access pattern (count uint16, stride int16 elements)")
-    start = t.offset // fs
+    start = t.offset // fs + st.base[0]
     if align:
         if p > 64:
             if start != 0:
@@ -112,7 +112,7 @@ def scalar_or_column(v, instr, role, p, fp32_tile=True):
         same_partitions(instr, "data", p, role, pv)
         if fp32_tile and v.dtype != _dt.float32:
             fail("operand.dtype", instr, role, f"is {_dt.name(v.dtype)}; [P,1] operands must be float32", "float32")
-        return v.read().reshape(pv, 1)
+        return v._f32().reshape(pv, 1)
     if isinstance(v, (bool, int, float, np.integer, np.floating)):
         return float(v)
     fail("operand.type", instr, role, f"must be a Python number or a [P,1] tile, got {type(v).__name__}")
@@ -194,7 +194,7 @@ def as_shape(values, shape):
 
 def store(dst, values):
     """Write fp32 (or integer) results into dst with the engine cast; clears PSUM matmul flags."""
-    dst.np[...] = _dt.cast(as_shape(values, dst.shape), dst.dtype)
+    dst._v[...] = _dt.cast(as_shape(values, dst.shape), dst.dtype)
     if dst._st.mm_written is not None:
         mm_flags(dst)[...] = False
 
