@@ -70,25 +70,66 @@ inline void round_trip(bool bf16, int64_t n, float* v) {
   for (int64_t j = 0; j < n; ++j) v[j] = bf16_to_f32(rne_bf16(v[j]));
 }
 
-// Sum of a[j] * b[j] in a fixed order: four vector accumulators, then one, combined lane by lane in order,
-// then the scalar tail. Depends only on n (and the ISA), never on threads.
-inline float dot(const float* a, const float* b, int64_t n) {
-  const int64_t L = Vec::size();
-  Vec acc0(0.f), acc1(0.f), acc2(0.f), acc3(0.f);
-  int64_t j = 0;
-  for (; j + 4 * L <= n; j += 4 * L) {
-    acc0 = acc0 + Vec::loadu(a + j) * Vec::loadu(b + j);
-    acc1 = acc1 + Vec::loadu(a + j + L) * Vec::loadu(b + j + L);
-    acc2 = acc2 + Vec::loadu(a + j + 2 * L) * Vec::loadu(b + j + 2 * L);
-    acc3 = acc3 + Vec::loadu(a + j + 3 * L) * Vec::loadu(b + j + 3 * L);
+// sum_j a[j] * b[j] in the order of torch's CPU sum over a contiguous last dim (its "cascade sum": the row read
+// as vectors, the vectors as rows of 4, each column of 4 summed with 4-level cascading every 16 rows, the 4
+// columns combined in order, leftover vectors into column 0; then the scalar tail and the vector's lanes added in
+// order to a scalar). Mirroring it makes rstd, and hence RMSNorm's y and dx, equal the reference bit for bit.
+// Depends only on n and the vector width (the ISA), never on threads.
+template <typename T, typename Load>
+T cascade_row_sum(const Load& load, int64_t size) {
+  constexpr int64_t kIlp = 4, kLevels = 4, kLevelPower = 4, kLevelStep = 1 << kLevelPower;
+  constexpr int64_t kLevelMask = kLevelStep - 1;
+  const int64_t rows = size / kIlp;
+  T acc[kLevels][kIlp];
+  for (auto& level : acc)
+    for (auto& v : level) v = T(0.f);
+  int64_t i = 0;
+  while (i + kLevelStep <= rows) {
+    for (int64_t j = 0; j < kLevelStep; ++j, ++i)
+      for (int64_t k = 0; k < kIlp; ++k) acc[0][k] = acc[0][k] + load(i * kIlp + k);
+    for (int64_t j = 1; j < kLevels; ++j) {
+      for (int64_t k = 0; k < kIlp; ++k) {
+        acc[j][k] = acc[j][k] + acc[j - 1][k];
+        acc[j - 1][k] = T(0.f);
+      }
+      if ((i & (kLevelMask << (j * kLevelPower))) != 0) break;
+    }
   }
-  for (; j + L <= n; j += L) acc0 = acc0 + Vec::loadu(a + j) * Vec::loadu(b + j);
-  Vec acc = (acc0 + acc1) + (acc2 + acc3);
-  float lanes[Vec::size()];
-  acc.store(lanes);
+  for (; i < rows; ++i)
+    for (int64_t k = 0; k < kIlp; ++k) acc[0][k] = acc[0][k] + load(i * kIlp + k);
+  for (int64_t j = 1; j < kLevels; ++j)
+    for (int64_t k = 0; k < kIlp; ++k) acc[0][k] = acc[0][k] + acc[j][k];
+  for (int64_t e = rows * kIlp; e < size; ++e) acc[0][0] = acc[0][0] + load(e);
+  for (int64_t k = 1; k < kIlp; ++k) acc[0][0] = acc[0][0] + acc[0][k];
+  return acc[0][0];
+}
+
+// torch's CPU sum kernels read 8 floats per vector whatever the capability (measured: an AVX512 build sums like
+// its AVX2 and DEFAULT builds), so the row sums here use a fixed 8-lane vector, which the compiler maps to the
+// ISA's registers; plain lane-wise adds, so every variant gives the same bits.
+struct Lanes8 {
+  float v[8];
+  explicit Lanes8(float x) { for (float& e : v) e = x; }
+  Lanes8() = default;
+  friend Lanes8 operator+(const Lanes8& a, const Lanes8& b) {
+    Lanes8 r;
+    for (int k = 0; k < 8; ++k) r.v[k] = a.v[k] + b.v[k];
+    return r;
+  }
+};
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  constexpr int64_t L = 8;
+  if (n < L) return cascade_row_sum<float>([&](int64_t e) { return a[e] * b[e]; }, n);
+  const int64_t nv = n / L;
+  const Lanes8 acc = cascade_row_sum<Lanes8>([&](int64_t q) {
+    Lanes8 r;
+    for (int64_t k = 0; k < L; ++k) r.v[k] = a[q * L + k] * b[q * L + k];
+    return r;
+  }, nv);
   float s = 0.f;
-  for (int64_t k = 0; k < L; ++k) s += lanes[k];
-  for (; j < n; ++j) s += a[j] * b[j];
+  for (int64_t e = nv * L; e < n; ++e) s = s + a[e] * b[e];
+  for (int64_t k = 0; k < L; ++k) s = s + acc.v[k];
   return s;
 }
 
