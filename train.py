@@ -33,10 +33,10 @@ import torch.distributed as dist
 from training import checkpoint as ckpt
 from training.config import (KERNELS, PRECISIONS, TrainConfig, TrainConfigError, config_hash, load_config,
                              parse_data_entry)
-from training.metrics import MetricsLogger, peak_tflops
+from training.metrics import MetricsLogger, Peak, peak_tflops
 from training.optim import (NanGuard, allreduce_grads, build_optimizer, build_scheduler, clip_grads_,
                             global_grad_norm, global_param_norm)
-from training.precision import autocast_context, param_dtype, set_neuron_sr_env
+from training.precision import MATMUL_ENV, MatmulPlan, compute_context, matmul_plan, param_dtype, set_neuron_sr_env
 
 EXIT_BAD_INPUT, EXIT_NAN = 2, 3
 
@@ -98,6 +98,7 @@ class Run:
     dp_group: object = None
     out_dir: str = ""
     identity: dict = field(default_factory=dict)
+    plan: MatmulPlan | None = None          # how bf16 matmuls compute (training.precision.matmul_plan)
 
     @property
     def rank0(self) -> bool:
@@ -146,14 +147,13 @@ class Progress:
 class Meter:
     """MFU inputs and the rank-0 metrics writer."""
     flops_per_token: float
-    peak: float
-    peak_src: str
+    peak: Peak                              # per device, of the dtype the matmuls compute in
     tokens_per_step: int
     logger: MetricsLogger | None
     t_start: float
 
     def mfu(self, tokens_per_s: float, world: int) -> float:
-        return self.flops_per_token * tokens_per_s / (self.peak * 1e12 * world)
+        return self.peak.mfu(self.flops_per_token * tokens_per_s / world / 1e12)
 
 
 def main(argv=None):
@@ -197,6 +197,10 @@ def start_run(cfg, model_cfg, resume: bool) -> Run:
     except TrainConfigError as e:
         fail(str(e))
     run = Run(cfg, model_cfg, world, rank, device, dp=d["dp"], accum=d["grad_accum"])
+    try:
+        run.plan = matmul_plan(cfg.precision, device.type)
+    except ValueError as e:
+        fail(str(e))
     select_kernels(cfg)
     if world > 1:
         from llama import parallel
@@ -353,6 +357,10 @@ def resume_from_checkpoint(run: Run, parts: Trainable) -> Progress:
     parts.loader.load_state_dict(state["loader"])
     parts.guard.load_state_dict(state["nan_guard"])
     set_rng_state(state["rng"])
+    saved = meta.get("matmul_compute")
+    if saved and saved != run.plan.compute and not os.environ.get(MATMUL_ENV):
+        # the same GEMMs as before the interruption, so the resumed run stays bitwise the uninterrupted one
+        run.plan = MatmulPlan(saved, f"as the resumed checkpoint's run (this start measured: {run.plan.reason})")
     return Progress(step=state["step"], tokens_seen=state["tokens_seen"])
 
 
@@ -374,10 +382,9 @@ def set_rng_state(s):
 # ---------------------------------------------------------------------- phase 5: metrics
 def start_metrics(run: Run, resume_step: int | None) -> Meter:
     cfg = run.cfg
-    peak, peak_src = peak_tflops(run.device.type, param_dtype(cfg.precision) if cfg.precision != "mixed"
-                                 else torch.bfloat16, cfg.peak_tflops)
+    peak = Peak(*peak_tflops(run.device.type, run.plan.dtype, cfg.peak_tflops))
     logger = MetricsLogger(run.out_dir, resume_step=resume_step) if run.rank0 else None
-    return Meter(flops_per_token=run.model_cfg.flops_per_token(cfg.seq_len), peak=peak, peak_src=peak_src,
+    return Meter(flops_per_token=run.model_cfg.flops_per_token(cfg.seq_len), peak=peak,
                  tokens_per_step=cfg.global_batch_size * cfg.seq_len, logger=logger, t_start=time.perf_counter())
 
 
@@ -390,7 +397,7 @@ def announce(run: Run, progress: Progress):
           f"kernels {ops.get_backend() if hasattr(ops, 'get_backend') else cfg.kernels}, world {run.world} = tp "
           f"{cfg.tp} x dp {run.dp}, global batch {cfg.global_batch_size} = micro {cfg.micro_batch_size} x dp "
           f"{run.dp} x accum {run.accum}, seq {cfg.seq_len}, steps {progress.step} -> {cfg.max_steps}, out "
-          f"{run.out_dir}", flush=True)
+          f"{run.out_dir}\n  matmuls in {run.plan.compute} ({run.plan.reason})", flush=True)
 
 
 # ---------------------------------------------------------------------- phase 6: the loop
@@ -434,7 +441,7 @@ def forward_backward(run: Run, parts: Trainable, poison: bool):
         dist.all_reduce(n_valid, group=run.dp_group)
     loss_sum = torch.zeros((), dtype=torch.float32, device=device)
     for ids, lbl in micro:
-        with autocast_context(run.cfg.precision, device.type):
+        with compute_context(run.cfg.precision, device.type, run.plan):
             loss = parts.model(ids.to(device), labels=lbl.to(device), reduction="sum")
         if poison:
             loss = loss * float("nan")        # test hook: a poisoned step (LLAMA_TRAIN_FAULT_NAN_STEPS=5,6)
@@ -486,7 +493,7 @@ def save_checkpoint(run: Run, parts: Trainable, progress: Progress):
                  tokens_seen=progress.tokens_seen,
                  sr=dict(seed=cfg.seed, rule="bits of step s come from sr_seed(seed, s, stream); see precision.py"))
     meta = dict(identity=run.identity, config_hash=config_hash(run.identity), precision=cfg.precision, tp=cfg.tp,
-                dp=run.dp, time=time.strftime("%Y-%m-%dT%H:%M:%S"))
+                dp=run.dp, matmul_compute=run.plan.compute, time=time.strftime("%Y-%m-%dT%H:%M:%S"))
     ckpt.save(run.out_dir, progress.step, state, meta, run.tp_rank, run.dp_rank, cfg.keep_last)
 
 
@@ -511,7 +518,7 @@ def summarize(run: Run, parts: Trainable, progress: Progress, meter: Meter):
           f"  tokens          {progress.tokens_seen:,}\n  wall time       {wall:.1f} s\n"
           f"  tokens/s        {mean_tps:,.0f} (mean after the first {len(times) - len(steady)} logged "
           f"steps)\n  MFU             {100 * mfu:.2f}% ({meter.flops_per_token / 1e6:.2f} MFLOP/token; peak "
-          f"{meter.peak:.3g} TFLOPS/device x {run.world}: {meter.peak_src})\n  final loss      {final_loss}\n"
+          f"{meter.peak.tflops:.3g} TFLOPS/device x {run.world}: {meter.peak.source})\n  final loss      {final_loss}\n"
           f"  last checkpoint step {progress.saved_at}\n  output          {run.out_dir}", flush=True)
 
 

@@ -7,34 +7,34 @@ not counted, so this is MFU, not HFU). Peak per device:
   190 bf16 TFLOPS per chip of 2 cores), the figure NxD Training's llama_perf_estimate uses per node.
 - CUDA: a table of dense bf16 peaks by device name (A100 312, H100 SXM 989, H100 PCIe 756, L4 121, A10G 70);
   unknown GPUs need ``--peak-tflops``.
-- CPU: no vendor figure applies, so it is *measured* at start-up: the best of a few 512x512x512 matmuls in the
-  parameter dtype on this process's threads. An estimate, stated as such in the summary; ``--peak-tflops``
-  overrides it.
+- CPU: no vendor figure applies, so it is *measured* at start-up for the dtype the matmuls actually compute in
+  (``training.precision.matmul_plan``: fp32 for fp32 and widened bf16-sr, bf16 for native bf16-sr and mixed): the
+  best of several warmed-up 512^3 GEMMs on this process's threads (``precision.matmul_gflops``). An estimate,
+  stated as such in the summary; ``--peak-tflops`` overrides it.
+MFU <= 100% by construction (``Peak``): an achieved rate above the peak means the peak was an underestimate (a
+measurement disturbed by other load, a wrong ``--peak-tflops``), so the peak is raised to that rate and the
+summary says so.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
-import time
 
 import torch
 
 TRN1_CORE_TFLOPS_BF16 = 95.0
-GPU_BF16_TFLOPS = {"A100": 312.0, "H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "L4": 121.0, "A10G": 70.0,
-                   "L40S": 362.0}
+# Dense (no sparsity) peaks from the vendor datasheets, TFLOPS: (bf16 tensor, tf32 tensor, fp32 non-tensor).
+# H200: NVIDIA H200 Tensor Core GPU datasheet (SXM: BF16 1,979 / TF32 989 "with sparsity", i.e. 989 / 494 dense,
+# FP32 67), the same GH100 compute as H100 SXM. A10G: AWS publishes no figure; the A10-class bf16 value in use here.
+GPU_PEAK_TFLOPS = {"A100": (312.0, 156.0, 19.5), "H100 PCIe": (756.0, 378.0, 51.2), "H100": (989.0, 494.0, 67.0),
+                   "H200": (989.0, 494.0, 67.0), "L4": (121.0, 60.0, 30.3), "A10G": (70.0, 35.0, 31.2),
+                   "L40S": (362.0, 183.0, 91.6)}
 
 
-def measure_cpu_tflops(dtype=torch.float32, n: int = 512, reps: int = 5) -> float:
-    a = torch.randn(n, n, dtype=dtype)
-    b = torch.randn(n, n, dtype=dtype)
-    a @ b
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        for _ in range(4):
-            a @ b
-        best = min(best, (time.perf_counter() - t0) / 4)
-    return 2 * n ** 3 / best / 1e12
+def measure_cpu_tflops(dtype=torch.float32, n: int = 512, trials: int = 5) -> float:
+    from training.precision import matmul_gflops
+    return matmul_gflops(dtype, n=n, trials=trials, min_time=0.05) / 1e3
 
 
 def peak_tflops(device_type: str, dtype, override: float | None = None) -> tuple[float, str]:
@@ -44,13 +44,54 @@ def peak_tflops(device_type: str, dtype, override: float | None = None) -> tuple
     if device_type == "xla":
         return TRN1_CORE_TFLOPS_BF16, "trn1 NeuronCore-v2 bf16 peak (3,040 TFLOPS per trn1.32xlarge / 32)"
     if device_type == "cuda":
-        name = torch.cuda.get_device_name()
-        for key in sorted(GPU_BF16_TFLOPS, key=len, reverse=True):
-            if key in name:
-                return GPU_BF16_TFLOPS[key], f"dense bf16 peak of {key} (vendor datasheet)"
-        raise ValueError(f"no peak-FLOPS entry for GPU {name!r}; pass --peak-tflops")
+        return gpu_peak_tflops(torch.cuda.get_device_name(), dtype, torch.backends.cuda.matmul.allow_tf32)
     v = measure_cpu_tflops(dtype)
     return v, f"measured CPU {str(dtype).replace('torch.', '')} matmul peak at start-up (estimate)"
+
+
+def gpu_peak_tflops(name: str, dtype, allow_tf32: bool) -> tuple[float, str]:
+    """Datasheet dense peak of the GPU ``name`` for matmuls in ``dtype`` (fp32 runs on TF32 tensor cores only
+    when torch allows it)."""
+    for key in sorted(GPU_PEAK_TFLOPS, key=len, reverse=True):
+        if key in name:
+            bf16, tf32, fp32 = GPU_PEAK_TFLOPS[key]
+            if dtype in (torch.bfloat16, torch.float16):
+                return bf16, f"dense bf16 tensor-core peak of {key} (vendor datasheet)"
+            if allow_tf32:
+                return tf32, f"dense tf32 tensor-core peak of {key} (vendor datasheet; fp32 matmuls allowed tf32)"
+            return fp32, f"fp32 (non-tensor-core) peak of {key} (vendor datasheet)"
+    raise ValueError(f"no peak-FLOPS entry for GPU {name!r}; pass --peak-tflops")
+
+
+class Peak:
+    """Peak TFLOPS per device for MFU, never below a rate achieved in this run: ``mfu`` is <= 1 by construction."""
+
+    def __init__(self, tflops: float, source: str):
+        if not (math.isfinite(tflops) and tflops > 0):
+            raise ValueError(f"peak TFLOPS must be a finite number > 0, got {tflops!r} ({source})")
+        self.tflops, self._source, self.raised = float(tflops), source, False
+
+    def mfu(self, achieved_tflops: float) -> float:
+        """achieved / peak, the peak first raised to ``achieved`` if below it; NaN for a non-finite rate."""
+        if not math.isfinite(achieved_tflops) or achieved_tflops < 0:
+            return float("nan")
+        if achieved_tflops > self.tflops:
+            self.tflops, self.raised = achieved_tflops, True
+        return achieved_tflops / self.tflops
+
+    @property
+    def source(self) -> str:
+        if not self.raised:
+            return self._source
+        return f"{self._source}, raised to the best achieved rate (the stated peak was below it)"
+
+
+def json_safe(value):
+    """A metric value for strict JSON: non-finite floats become None (NaN/Infinity are not JSON)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return value
+    value = float(value)
+    return value if math.isfinite(value) else None
 
 
 class MetricsLogger:
@@ -74,7 +115,7 @@ class MetricsLogger:
             tmp = self.path + ".tmp"
             with open(tmp, "w") as fh:
                 for rec in self.records:
-                    fh.write(json.dumps(rec) + "\n")
+                    fh.write(json.dumps({k: json_safe(v) for k, v in rec.items()}, allow_nan=False) + "\n")
             os.replace(tmp, self.path)
         elif os.path.exists(self.path):
             os.remove(self.path)
@@ -86,10 +127,10 @@ class MetricsLogger:
                                     purge_step=None if resume_step is None else resume_step + 1)
 
     def log(self, step: int, **scalars):
-        rec = {"step": step, **{k: (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v)
-                                for k, v in scalars.items()}}
+        # Strict JSON: a skipped step's NaN loss / grad norm is written as null (its ``skipped`` flag says why).
+        rec = {"step": step, **{k: json_safe(v) for k, v in scalars.items()}}
         self.records.append(rec)
-        self.fh.write(json.dumps(rec) + "\n")
+        self.fh.write(json.dumps(rec, allow_nan=False) + "\n")
         self.fh.flush()
         if self.tb is not None:
             for k, v in scalars.items():

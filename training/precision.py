@@ -6,6 +6,13 @@ Modes (``--precision``):
              hardware (``NEURON_RT_STOCHASTIC_ROUNDING_EN=1``, seed ``NEURON_RT_STOCHASTIC_ROUNDING_SEED``), so the
              write-back is a plain cast there. On CPU/GPU only the weight update is stochastically rounded
              (torchao/llm.c style); Trainium rounds every internal fp32->bf16 cast, so parity is statistical.
+             Matmul compute (``matmul_plan``): native bf16 GEMMs where the device has bf16 matrix units (GPU,
+             trn1, a CPU whose bf16 GEMM measures at least as fast as its fp32 one), else "widened": each matmul
+             with a bf16 operand (``F.linear``, ``matmul``/``@``, ``mm``, ``bmm``, ``addmm``, ``baddbmm``) runs
+             on operands cast exactly to fp32, accumulates in fp32 and rounds its result once to bf16 (RNE); its
+             backward is the same (fp32 GEMMs on the widened bf16 gradient, each gradient rounded once to bf16).
+             That is a native bf16 GEMM's numerics (bf16 products are exact in fp32; oneDNN and trn1's TensorE
+             accumulate in fp32) up to the order of the fp32 summation. Parameters, gradients and SR unchanged.
     mixed    fp32 parameters, gradients and optimizer ("master weights") with ``torch.autocast(bf16)``:
              the GPU reference of the seed.
     fp32     everything fp32.
@@ -28,9 +35,14 @@ callers that hold a generator.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import time
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 _MASK64 = (1 << 64) - 1
 
@@ -130,3 +142,114 @@ def autocast_context(precision: str, device_type: str):
     if precision == "mixed":
         return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
     return torch.autocast(device_type=device_type, enabled=False)
+
+
+# ---------------------------------------------------------------------- bf16 matmul compute (bf16-sr)
+MATMUL_ENV = "LLAMA_TRAIN_BF16_MATMUL"       # auto (default) | native | fp32: force the choice of matmul_plan
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # x86 bf16 dot-product / tile units (/proc/cpuinfo)
+
+
+@dataclass(frozen=True)
+class MatmulPlan:
+    """How bf16 matmuls run: ``compute`` "bf16" (native) or "fp32" (widened, see the module docstring), and why."""
+    compute: str
+    reason: str
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32 if self.compute == "fp32" else torch.bfloat16
+
+
+def cpu_bf16_flags(cpuinfo: str = "/proc/cpuinfo") -> set[str]:
+    """The bf16 matrix features the CPU advertises: x86 ``avx512_bf16``/``amx_bf16``, aarch64 ``bf16``."""
+    try:
+        with open(cpuinfo) as fh:
+            text = fh.read()
+    except OSError:
+        return set()
+    words = set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() in ("flags", "features"):
+            words.update(value.split())
+    return words & {*BF16_CPU_FLAGS, "bf16"}
+
+
+def matmul_gflops(dtype: torch.dtype, n: int = 512, trials: int = 3, min_time: float = 0.02) -> float:
+    """Best-of-``trials`` GFLOP/s of an n x n x n matmul on this process's threads, warmed up, each trial repeated
+    until it lasts ``min_time`` seconds (so one slow call or timer granularity cannot decide it)."""
+    a = torch.randn(n, n).to(dtype)
+    b = torch.randn(n, n).to(dtype)
+    t0 = time.perf_counter()
+    a @ b                                          # warm-up: thread pool, kernel selection, page faults
+    reps = max(1, int(min_time / max(time.perf_counter() - t0, 1e-6)))
+    best = float("inf")
+    for _ in range(trials):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        best = min(best, (time.perf_counter() - t0) / reps)
+    return 2 * n ** 3 / best / 1e9
+
+
+def matmul_plan(precision: str, device_type: str, env=None) -> MatmulPlan:
+    """The matmul compute of a run. Only bf16-sr on CPU has a choice: fp32 for fp32/mixed-free paths is "fp32",
+    ``mixed`` is bf16 autocast by definition, GPUs and trn1 have bf16 matrix units. On CPU, forced by
+    ``LLAMA_TRAIN_BF16_MATMUL=native|fp32``; else widened when the CPU advertises no bf16 matrix feature, and
+    otherwise decided by measurement: native only if a bf16 512^3 GEMM is at least as fast as the fp32 one."""
+    env = os.environ if env is None else env
+    if precision == "fp32":
+        return MatmulPlan("fp32", "fp32 parameters")
+    if precision != "bf16-sr" or device_type != "cpu":
+        return MatmulPlan("bf16", "bf16 autocast" if precision == "mixed" else f"bf16 matrix units ({device_type})")
+    forced = env.get(MATMUL_ENV, "auto").strip().lower()
+    if forced not in ("auto", "native", "fp32", ""):
+        raise ValueError(f"{MATMUL_ENV}={forced!r}: expected auto, native or fp32")
+    if forced == "native":
+        return MatmulPlan("bf16", f"{MATMUL_ENV}=native")
+    if forced == "fp32":
+        return MatmulPlan("fp32", f"{MATMUL_ENV}=fp32")
+    flags = cpu_bf16_flags()
+    if not flags:
+        return MatmulPlan("fp32", "this CPU advertises no bf16 matrix feature (" + "/".join(BF16_CPU_FLAGS) + ")")
+    bf16, fp32 = matmul_gflops(torch.bfloat16), matmul_gflops(torch.float32)
+    measured = f"{'/'.join(sorted(flags))}; 512^3 GEMM bf16 {bf16:.0f} vs fp32 {fp32:.0f} GFLOP/s"
+    return MatmulPlan("bf16", measured) if bf16 >= fp32 else MatmulPlan("fp32", measured)
+
+
+_MATMULS = frozenset({F.linear, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.mm,
+                      torch.Tensor.mm, torch.bmm, torch.Tensor.bmm, torch.addmm, torch.Tensor.addmm, torch.baddbmm,
+                      torch.Tensor.baddbmm})
+
+
+def _widen(x):
+    return x.float() if isinstance(x, torch.Tensor) and x.dtype == torch.bfloat16 else x
+
+
+class WidenedBf16Matmuls(TorchFunctionMode):
+    """While active, a matmul with a bf16 operand computes in fp32 and returns its usual (bf16) result dtype.
+
+    The casts are ordinary autograd ops, so the backward's GEMMs are fp32 too. A TorchFunctionMode sees the calls
+    made inside autograd.Functions' forwards as well (the fused LM-head loss), and applies from outside the model.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func not in _MATMULS or not any(isinstance(a, torch.Tensor) and a.dtype == torch.bfloat16 for a in args):
+            return func(*args, **kwargs)
+        out = kwargs.pop("out", None)
+        result = func(*map(_widen, args), **kwargs)
+        dtype = torch.bfloat16 if out is None else out.dtype
+        if out is not None:
+            return out.copy_(result)
+        return result.to(dtype)
+
+
+def compute_context(precision: str, device_type: str, plan: MatmulPlan):
+    """The context a forward runs in: bf16 autocast for mixed, widened bf16 matmuls for a plan "fp32" on bf16
+    parameters, nothing otherwise."""
+    if precision == "mixed":
+        return autocast_context(precision, device_type)
+    if precision == "bf16-sr" and plan.compute == "fp32":
+        return WidenedBf16Matmuls()
+    return contextlib.nullcontext()
