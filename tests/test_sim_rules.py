@@ -467,11 +467,16 @@ def test_tensor_engine_transpose_dst_must_be_psum():
     breaks("nc_transpose", k, X)
 
 
-def test_onchip_tensor_must_be_2d():
+def test_onchip_tensor_of_one_dim_is_one_element_per_partition():
+    """A 1-D on-chip tensor is its partition dim with one element each: the nki.isa.register_load/register_store
+    pages allocate ``nl.ones([1], dtype=nl.int32, buffer=nl.sbuf)`` / ``nl.ndarray([1], ...)``."""
     def k():
-        sb((128,))
-        return store(sb((1, 1)))
-    breaks("2-d|rank|dim", k)
+        t = sb((128,))
+        nisa.memset(dst=t, value=3.0)
+        o = nl.ndarray((128,), dtype=nl.float32, buffer=nl.shared_hbm)
+        nisa.dma_copy(dst=o, src=t)
+        return o
+    np.testing.assert_array_equal(run(k), np.full(128, 3.0, np.float32))
 
 
 def test_partition_dim_stride_refused():

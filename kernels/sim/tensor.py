@@ -94,9 +94,6 @@ def allocate(shape, dtype, buffer, name="", fill=None):
     if any(s <= 0 for s in shape) or not shape:
         raise ValueError(f"allocation {name or ''}: shape {shape} must be non-empty with positive sizes")
     buffer = _buffer_name(buffer)
-    if buffer in ONCHIP and len(shape) < 2:
-        raise ConstraintError(f"rule rank.onchip: ndarray operand '{name or 'tile'}' {buffer} tensor shape {shape} "
-                              f"must be at least 2-D (partition dim + free dims; use (P, 1)) (limit 2 dims)")
     if buffer in ONCHIP and shape[0] > 128:
         raise ConstraintError(f"rule partition.max: ndarray operand '{name or 'tile'}' partition dimension "
                               f"{shape[0]} of {shape} exceeds 128 (limit 128)")
@@ -126,9 +123,9 @@ def allocate_at(shape, dtype, buffer, name, address):
     if buffer not in ONCHIP:
         raise ConstraintError(f"rule address.buffer: ndarray operand '{name or 'tile'}' address= places SBUF/PSUM "
                               f"tiles only, not {buffer}")
-    if len(shape) < 2 or shape[0] > 128 or any(s <= 0 for s in shape):
-        raise ConstraintError(f"rule rank.onchip: ndarray operand '{name or 'tile'}' shape {shape} must be 2-D or "
-                              "more with at most 128 partitions (limit 128)")
+    if not shape or shape[0] > 128 or any(s <= 0 for s in shape):
+        raise ConstraintError(f"rule partition.max: ndarray operand '{name or 'tile'}' shape {shape} must have at "
+                              "most 128 partitions and positive sizes (limit 128)")
     try:
         p0, off = (int(a) for a in address)
     except (TypeError, ValueError):
