@@ -193,6 +193,7 @@ OP_RULES = {
     # nki.isa.tensor_scalar_cumulative: "Reduction operation (op1) is limited to add, subtract, mult, max, min"
     "tensor_scalar_cumulative.op1": ("add", "subtract", "multiply", "maximum", "minimum"),
 }
+OP_RULES = {k: frozenset(v) for k, v in OP_RULES.items()}   # membership tests on the per-instruction path
 # nl functions that may be named as a reduce_op where a page says so (tensor_scalar_reduce: "nl.max or nl.min")
 REDUCTION_NAMES = {"max": "maximum", "min": "minimum"}
 
@@ -221,7 +222,7 @@ def binary(op, instr, role="op", allowed=None, reduction_names=False):
     if allowed is not None and op.name not in allowed:
         from .errors import ConstraintError
         raise ConstraintError(f"rule op.{instr}: {instr} operand '{role}' nl.{op.name} is not one of the operators "
-                              f"{instr} accepts ({', '.join('nl.' + a for a in allowed)})")
+                              f"{instr} accepts ({', '.join('nl.' + a for a in sorted(allowed))})")
     _require_version(op, instr, role)
     return op
 
@@ -232,7 +233,7 @@ def unary(op, instr, role="op", allowed=None):
     if allowed is not None and op.name not in allowed:
         from .errors import ConstraintError
         raise ConstraintError(f"rule op.{instr}: {instr} operand '{role}' nl.{op.name} is not in the {instr} "
-                              f"function table ({', '.join('nl.' + a for a in allowed)})")
+                              f"function table ({', '.join('nl.' + a for a in sorted(allowed))})")
     return op
 
 
