@@ -304,16 +304,11 @@ def test_find_index8_and_match_replace8_documented_tie_breaks():
         o = sb((16, 12))
         idx = nl.ndarray((16, 8), dtype=nl.uint32, buffer=nl.sbuf)
         nisa.nc_match_replace8(dst=o, data=load(d), vals=load(v), imm=-1.0, dst_idx=idx)
-        out = hbm_out((16, 20), nl.float32)
-        nisa.dma_copy(dst=out[:, 0:12], src=o)
-        f = sb((16, 8))
-        nisa.tensor_copy(dst=f, src=idx)
-        nisa.dma_copy(dst=out[:, 12:20], src=f)
-        return out
+        return store(o), store(idx)
     np.testing.assert_array_equal(run(k_find, data, vals)[0], [0, 0, 1, 5, 7, 8, 9, 10])
-    out = run(k_rep, data, vals)[0]
-    np.testing.assert_array_equal(out[12:], [0, 2, 1, 5, 7, 8, 9, 10])
-    np.testing.assert_array_equal(out[:12], [-1, -1, -1, 1, 3, -1, 5, -1, -1, -1, -1, 6])
+    replaced, idx = run(k_rep, data, vals)
+    np.testing.assert_array_equal(idx[0], [0, 2, 1, 5, 7, 8, 9, 10])
+    np.testing.assert_array_equal(replaced[0], [-1, -1, -1, 1, 3, -1, 5, -1, -1, -1, -1, 6])
 
 
 def test_local_gather_matches_the_documented_numpy_semantics():
@@ -380,15 +375,10 @@ def test_scalar_offset_and_registers():
             nisa.register_move(acc, i)
         nl.fori_loop(0, 5, body)
         nisa.register_store(cnt, acc)
-        out = hbm_out((1, 65), nl.float32)
-        nisa.dma_copy(dst=out[:, 0:64], src=o)
-        f = sb((1, 1))
-        nisa.tensor_copy(dst=f, src=cnt)
-        nisa.dma_copy(dst=out[:, 64:65], src=f)
-        return out
-    out = run(k, X)
-    np.testing.assert_array_equal(out[0, 0:64], X[2])
-    assert out[0, 64] == 4
+        return store(o), store(cnt)
+    row, last = run(k, X)
+    np.testing.assert_array_equal(row[0], X[2])
+    assert last[0, 0] == 4
 
 
 def test_tensor_copy_predicated_and_cumulative():

@@ -8,6 +8,16 @@ from .engines import emit, fail, onchip, same_partitions, store
 from .tensor import NkiTensor
 
 
+def _sbuf_trio(I, a, b, dst):
+    """Three SBUF operands with one partition count: returns the free sizes (n_a, n_b, n_dst) and the count."""
+    p, _, n = onchip(a[1], I, a[0], ("sbuf",))
+    pb, _, nb = onchip(b[1], I, b[0], ("sbuf",))
+    pd, _, nd = onchip(dst, I, "dst", ("sbuf",))
+    same_partitions(I, a[0], p, b[0], pb)
+    same_partitions(I, a[0], p, "dst", pd)
+    return p, n, nb, nd
+
+
 def local_gather(dst, src_buffer, index, num_elem_per_idx=1, num_valid_indices=None, name=None):
     """Each GpSimd core owns 16 partitions: its indices are ``index[16 rows].flatten(order='F')[:num_valid]``
     (partition dim first); partition p of the group reads, for each index k, ``num_elem_per_idx`` contiguous
@@ -15,11 +25,7 @@ def local_gather(dst, src_buffer, index, num_elem_per_idx=1, num_valid_indices=N
     ``dst[p, k, e] = src_buffer[p].flat[index_k + e]``. uint16 indices; no dtype conversion; out-of-bounds
     indices are undefined on hardware and refused here."""
     I = "local_gather"
-    p, ps, n = onchip(src_buffer, I, "src_buffer", ("sbuf",))
-    pi, _, ni = onchip(index, I, "index", ("sbuf",))
-    pd, _, nd = onchip(dst, I, "dst", ("sbuf",))
-    same_partitions(I, "src_buffer", p, "index", pi)
-    same_partitions(I, "src_buffer", p, "dst", pd)
+    p, n, ni, nd = _sbuf_trio(I, ("src_buffer", src_buffer), ("index", index), dst)
     if p % 16:
         fail("local_gather.partitions", I, "src_buffer", f"has {p} partitions; must be a multiple of 16", 16)
     if index.dtype != _dt.uint16:
@@ -54,11 +60,7 @@ def nc_n_gather(dst, data, indices, name=None):
     """Per partition, ``dst[p, j] = data[p, :].flatten()[indices[p, j]]`` on GpSimd (SBUF only; uint32 indices
     in [0, elements per partition); dst dtype = data dtype)."""
     I = "nc_n_gather"
-    p, _, n = onchip(data, I, "data", ("sbuf",))
-    pi, _, ni = onchip(indices, I, "indices", ("sbuf",))
-    pd, _, nd = onchip(dst, I, "dst", ("sbuf",))
-    same_partitions(I, "data", p, "indices", pi)
-    same_partitions(I, "data", p, "dst", pd)
+    p, n, ni, nd = _sbuf_trio(I, ("data", data), ("indices", indices), dst)
     if indices.dtype != _dt.uint32:
         fail("nc_n_gather.dtype", I, "indices", f"is {_dt.name(indices.dtype)}; must be uint32")
     if dst.dtype != data.dtype:

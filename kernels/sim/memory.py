@@ -105,13 +105,19 @@ def track(storage, buffer, free_bytes, name, shape, dtype, where):
             f"rule capacity.{buffer}: allocation of {name or '<unnamed>'} {list(shape)} {dtype} ({nbytes} B/partition) "
             f"at {where} brings live {unit} to {st.used[buffer] + nbytes} (limit {limit}); "
             f"peak so far {st.peak[buffer]}; largest live tiles: {top}")
+    key = _commit(st, storage, buffer, nbytes, _free)
+    st.live[buffer][key] = Allocation(buffer, nbytes, name, shape, dtype, where, st.launch)
+
+
+def _commit(st, storage, buffer, grow, free_fn):
+    """Count ``grow`` more live bytes (peak updated) and schedule ``free_fn`` for when ``storage`` dies."""
     key = st.next_id
     st.next_id += 1
-    st.live[buffer][key] = Allocation(buffer, nbytes, name, shape, dtype, where, st.launch)
-    st.used[buffer] += nbytes
+    st.used[buffer] += grow
     if st.used[buffer] > st.peak[buffer]:
         st.peak[buffer] = st.used[buffer]
-    weakref.finalize(storage, _free, buffer, key, st.launch)
+    weakref.finalize(storage, free_fn, buffer, key, st.launch)
+    return key
 
 
 def _free(buffer, key, launch):
@@ -167,14 +173,8 @@ def track_at(storage, buffer, lo, hi, name, shape, dtype, where):
         raise CapacityError(
             f"rule capacity.{buffer}: placing {name or '<unnamed>'} {list(shape)} {dtype} at bytes {lo}..{hi} at "
             f"{where} brings live {unit} to {st.used[buffer] + grow} (limit {limit})")
-    key = st.next_id
-    st.next_id += 1
-    live[key] = (lo, hi)
+    live[_commit(st, storage, buffer, grow, _free_at)] = (lo, hi)
     st.addr_union[buffer] = new_union
-    st.used[buffer] += grow
-    if st.used[buffer] > st.peak[buffer]:
-        st.peak[buffer] = st.used[buffer]
-    weakref.finalize(storage, _free_at, buffer, key, st.launch)
 
 
 def _free_at(buffer, key, launch):
