@@ -94,12 +94,14 @@ def _read_slice(fh, key, spec, rank, tp):
 
 
 def from_hf(path, tp_group=None, sequence_parallel: bool = False, pad_vocab_to_multiple_of=None,
-            dtype: torch.dtype | None = None) -> Llama:
+            dtype: torch.dtype | None = None, pipeline: dict | None = None):
     """Load a Hugging Face Llama directory (config.json + model.safetensors or indexed shards).
 
-    With ``tp_group`` the model is parallelized over it and each rank reads only its slices. Parameters keep
-    the checkpoint's dtype unless ``dtype`` is given. Raises CheckpointError / ConfigError / ParallelError
-    naming the file, tensor or degree; nothing is built before every check has passed.
+    With ``tp_group`` the model is parallelized over it and each rank reads only its slices. With ``pipeline``
+    (keyword arguments of ``llama.pipeline.split_stages``: pp, pp_rank, virtual, split) it returns this rank's
+    ``llama.pipeline.LocalModel`` instead, having read only the tensors of its stages. Parameters keep the
+    checkpoint's dtype unless ``dtype`` is given. Raises CheckpointError / ConfigError / ParallelError naming the
+    file, tensor or degree; nothing is built before every check has passed.
     """
     path = os.fspath(path)
     cfg = LlamaConfig.from_hf(path)
@@ -117,9 +119,19 @@ def from_hf(path, tp_group=None, sequence_parallel: bool = False, pad_vocab_to_m
         raise CheckpointError(f"from_hf: {wmap[unknown[0]]} holds tensor(s) {', '.join(unknown[:5])} that a Llama "
                               f"with this config.json does not have")
 
+    with torch.device("meta"):
+        model = Llama(cfg)
+    if tp_group is not None:
+        parallel.parallelize(model, tp_group, sequence_parallel=sequence_parallel,
+                             pad_vocab_to_multiple_of=pad_vocab_to_multiple_of)
+    if pipeline is not None:
+        from llama.pipeline import LocalModel, split_stages
+        model = LocalModel(split_stages(model, **pipeline))
+    wanted = {name for name, _ in model.named_parameters()}
     by_file = {}
     for key in expected:
-        by_file.setdefault(wmap[key], []).append(key)
+        if expected[key][0] in wanted:
+            by_file.setdefault(wmap[key], []).append(key)
     dtypes = set()
     local = {}
     for file, keys in by_file.items():            # validate every shape first ...
@@ -143,15 +155,12 @@ def from_hf(path, tp_group=None, sequence_parallel: bool = False, pad_vocab_to_m
     if len(dtypes) > 1 and dtype is None:
         raise CheckpointError(f"from_hf: {path} mixes tensor dtypes {sorted(dtypes)}; pass dtype= to choose one")
 
-    with torch.device("meta"):
-        model = Llama(cfg)
-    if tp_group is not None:
-        parallel.parallelize(model, tp_group, sequence_parallel=sequence_parallel,
-                             pad_vocab_to_multiple_of=pad_vocab_to_multiple_of)
     param_dtype = dtype or next(iter(local.values())).dtype
-    model.to_empty(device="cpu")          # leaving meta makes new Parameters: tie them again
+    model.to_empty(device="cpu")          # leaving meta makes new Parameters: tie them again, tag their shards
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
+    if tp_group is not None:
+        parallel.mark_shards(model)
     model.to(param_dtype)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -168,15 +177,25 @@ def _parse_size(size) -> int:
     return int(float(m.group(1)) * {"": 1, "K": 10 ** 3, "M": 10 ** 6, "G": 10 ** 9}[m.group(2)])
 
 
-def to_hf(model: Llama, path, max_shard_size="5GB") -> None:
+def to_hf(model: Llama, path, max_shard_size="5GB", pp_group=None) -> None:
     """Write ``model`` as a Hugging Face Llama directory that ``transformers`` loads.
 
     A sharded model is gathered first: every rank of its TP group must call this (a collective); with
-    torch.distributed initialised only global rank 0 writes. Files go to a temporary directory renamed to
-    ``path`` when complete (an existing ``path`` is replaced only then).
+    ``pp_group`` (``model`` is a ``llama.pipeline.LocalModel``) every rank of the PP group too, whose stages are
+    gathered to its first rank. With torch.distributed initialised only global rank 0 writes. Files go to a
+    temporary directory renamed to ``path`` when complete (an existing ``path`` is replaced only then).
     """
     path = os.fspath(path)
     full = parallel.full_state_dict(model)
+    if pp_group is not None and dist.get_world_size(pp_group) > 1:
+        first = dist.get_global_rank(pp_group, 0)
+        parts = [None] * dist.get_world_size(pp_group) if dist.get_rank() == first else None
+        dist.gather_object(full, parts, dst=first, group=pp_group)
+        if dist.get_rank() != first:
+            return
+        full = {k: v for part in parts for k, v in part.items()}
+        order = expected_tensors(model.config)          # the file keeps the model's tensor order
+        full = {name: full[name] for name, _ in order.values() if name in full}
     if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
         return
     cfg = model.config

@@ -502,9 +502,16 @@ def parallelize(model: Llama, tp_group, sequence_parallel: bool = False, pad_voc
             lin.in_features = lin.weight.shape[1]
 
     model._tp = TPState(tp_group, tp, rank, sequence_parallel, specs, vp)
+    return mark_shards(model)
+
+
+def mark_shards(model):
+    """Tag every parameter with its ShardSpec and TP degree (what ``tp_replicas`` / ``is_tp_replicated`` read).
+    ``parallelize`` does it; call it again after anything that makes new Parameter objects (``to_empty``)."""
+    st = model._tp
     for name, p in model.named_parameters():
-        p._tp_spec = specs[name]
-        p._tp_size = tp
+        p._tp_spec = st.specs[name]
+        p._tp_size = st.tp
     return model
 
 
@@ -609,5 +616,5 @@ def apply_activation_checkpointing(model: Llama, mode: str = "full") -> Llama:
 
 
 __all__ = ["ParallelError", "ShardSpec", "TPState", "allreduce_replicated_grads", "apply_activation_checkpointing",
-           "full_state_dict", "gather_tensor", "is_tp_replicated", "layout_ranks", "make_groups", "padded_vocab",
-           "parallelize", "plan", "shard_tensor", "tp_group_of", "tp_replicas"]
+           "full_state_dict", "gather_tensor", "is_tp_replicated", "layout_ranks", "make_groups", "mark_shards",
+           "padded_vocab", "parallelize", "plan", "shard_tensor", "tp_group_of", "tp_replicas"]

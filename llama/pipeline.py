@@ -180,6 +180,28 @@ class StageModule(nn.Module):
         return self.norm(h) if self.is_last else h
 
 
+class LocalModel(nn.Module):
+    """This rank's stages as one module under ``Llama``'s names (``embed_tokens``, ``layers.<i>``, ``norm``,
+    ``lm_head``): what the optimizer, checkpoints, norms and ``llama.parallel``'s helpers see. The stages (kept in a
+    plain list, so no parameter is registered twice) share these submodules and run the pipeline."""
+
+    def __init__(self, stages: list[StageModule]):
+        super().__init__()
+        self.config, self._tp, self._ac_mode = stages[0].config, stages[0]._tp, stages[0]._ac_mode
+        layers = {}
+        for s in stages:
+            layers.update(s.layers.items())
+            if s.is_first:
+                self.embed_tokens = s.embed_tokens
+            if s.is_last:
+                self.norm, self.lm_head = s.norm, s.lm_head
+        self.layers = _Layers(sorted(layers.items(), key=lambda kv: int(kv[0])))
+        self.stages = list(stages)
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("LocalModel holds pipeline stages; run them with llama.pipeline.Pipeline.step")
+
+
 def stage_indices(pp: int, pp_rank: int, virtual: int = 1) -> list[int]:
     """The stages rank pp_rank of the PP group holds (looped placement: r, r + pp, ...)."""
     return [pp_rank + k * pp for k in range(virtual)]
@@ -258,5 +280,5 @@ class Pipeline:
         return [(n, p) for s in self.stages for n, p in s.named_parameters()]
 
 
-__all__ = ["SCHEDULES", "Pipeline", "StageModule", "check_layout", "layer_params", "split_layers", "split_stages",
+__all__ = ["SCHEDULES", "LocalModel", "Pipeline", "StageModule", "check_layout", "layer_params", "split_layers", "split_stages",
            "stage_indices"]

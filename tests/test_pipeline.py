@@ -123,9 +123,39 @@ def _layout_checks(rank, world):
     return {"make_groups layout": 0.0 if ok else 1.0}
 
 
-def _worker(rank, world, cases):
+def _hf_checks(rank, ckpt, out_dir):
+    """from_hf with pipeline stages reads exactly its stages' tensors (bitwise the file's); to_hf of the two
+    stages writes the original file back, bit for bit."""
+    import llama
+    from safetensors.torch import load_file
+    _, pp_group, _ = P.make_groups(1, 2)
+    local = llama.from_hf(ckpt, pipeline=dict(pp=2, pp_rank=rank))
+    src = load_file(f"{ckpt}/model.safetensors")
+    mine = dict(local.named_parameters())
+    want = [n for n in _model().state_dict() if (n.startswith("embed") or n.startswith("layers.0.")
+                                                  or n.startswith("layers.1.")) == (rank == 0)]
+    errs = {"from_hf stage names": float(sorted(mine) != sorted(want))}
+    errs["from_hf stage bits"] = float(any(not torch.equal(p.detach(), src[llama.hf.hf_name(n)]) for n, p in mine.items()))
+    llama.to_hf(local, out_dir, pp_group=pp_group)
+    dist.barrier()
+    if rank == 0:
+        out = load_file(f"{out_dir}/model.safetensors")
+        errs["to_hf bit-identical"] = float(sorted(out) != sorted(src) or any(not torch.equal(out[k], src[k])
+                                                                               for k in src))
+    return errs
+
+
+def _worker(rank, world, cases, ckpt=None, out_dir=None):
     refs = {}
     out = _layout_checks(rank, world) if world == 4 else {}
+    if ckpt is not None and world == 2:
+        out.update(_hf_checks(rank, ckpt, out_dir))
+    if ckpt is not None and world == 4:           # from_hf under TP keeps every parameter's shard tag
+        import llama
+        tp_group, _ = P.make_groups(2)
+        m = llama.from_hf(ckpt, tp_group=tp_group, sequence_parallel=True)
+        untagged = [n for n, p in m.named_parameters() if getattr(p, "_tp_spec", None) is None]
+        out["from_hf tp shard tags"] = float(bool(untagged) or P.tp_replicas(m.norm.weight) != 2)
     for tp, pp, schedule, virtual in cases:
         dp = world // (tp * pp)
         if dp not in refs:
@@ -149,10 +179,13 @@ def _check(results):
     return {k: v for r in results for k, v in r.items() if not v <= _tolerance(k)}
 
 
-def test_pp2_matches_single_process():
+def test_pp2_matches_single_process(tmp_path):
+    import llama
+    llama.to_hf(_model(), tmp_path / "in")
     cases = [(1, 2, "gpipe", 1), (1, 2, "1f1b", 1), (1, 2, "interleaved", 2)]
-    results = run_distributed(_worker, 2, cases)
+    results = run_distributed(_worker, 2, cases, str(tmp_path / "in"), str(tmp_path / "out"))
     keys = set().union(*results)
+    assert "to_hf bit-identical" in keys and "from_hf stage bits" in keys
     for sched in ("gpipe", "1f1b", "interleaved"):
         assert f"tp1 pp2 dp1 {sched}: loss step {STEPS - 1}" in keys
         assert f"tp1 pp2 dp1 {sched}: grad layers.3.mlp.down_proj.weight" in keys
@@ -161,12 +194,14 @@ def test_pp2_matches_single_process():
     assert not bad, bad
 
 
-def test_tp2_pp2_and_pp2_dp2_match_single_process():
+def test_tp2_pp2_and_pp2_dp2_match_single_process(tmp_path):
+    import llama
+    llama.to_hf(_model(), tmp_path / "in")
     cases = [(2, 2, s, v) for s, v in (("gpipe", 1), ("1f1b", 1), ("interleaved", 2))]
     cases += [(1, 2, s, v) for s, v in (("gpipe", 1), ("1f1b", 1), ("interleaved", 2))]
-    results = run_distributed(_worker, 4, cases)
+    results = run_distributed(_worker, 4, cases, str(tmp_path / "in"))
     keys = set().union(*results)
-    assert "make_groups layout" in keys
+    assert "make_groups layout" in keys and "from_hf tp shard tags" in keys
     assert "tp2 pp2 dp1 interleaved: loss step 2" in keys and "tp1 pp2 dp2 1f1b: loss step 2" in keys
     bad = _check(results)
     assert not bad, bad

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -21,6 +22,7 @@ except ModuleNotFoundError:            # pragma: no cover - Python 3.10 (pip ins
 PRECISIONS = ("bf16-sr", "mixed", "fp32")
 KERNELS = ("reference", "sim", "nki")
 AC_MODES = ("none", "full", "selective")
+PP_SCHEDULES = ("gpipe", "1f1b", "interleaved")
 
 
 class TrainConfigError(ValueError):
@@ -54,8 +56,11 @@ class TrainConfig:
     # numerics and kernels
     precision: str = "bf16-sr"
     kernels: str | None = None                 # None: "nki" on XLA devices, "reference" elsewhere
-    # parallelism: dp = world_size / tp
+    # parallelism: dp = world_size / (tp x pp)
     tp: int = 1
+    pp: int = 1                                # pipeline stages (llama.pipeline); micro-batches = grad_accum
+    pp_schedule: str = "1f1b"                  # gpipe | 1f1b | interleaved
+    virtual_stages: int = 1                    # stages per rank (interleaved 1F1B)
     sequence_parallel: bool = False
     activation_checkpointing: str = "none"
     zero1: bool = False
@@ -84,14 +89,26 @@ class TrainConfig:
              f"kernels {self.kernels!r} is not one of {', '.join(KERNELS)}")
         need(self.activation_checkpointing in AC_MODES,
              f"activation_checkpointing {self.activation_checkpointing!r} is not one of {', '.join(AC_MODES)}")
-        for name in ("seq_len", "micro_batch_size", "global_batch_size", "max_steps", "tp", "keep_last",
+        need(self.pp_schedule in PP_SCHEDULES, f"pp_schedule {self.pp_schedule!r} is not one of "
+                                               f"{', '.join(PP_SCHEDULES)}")
+        for name in ("seq_len", "micro_batch_size", "global_batch_size", "max_steps", "tp", "pp", "virtual_stages",
+                     "keep_last",
                      "log_every", "nan_guard_max_consecutive"):
             v = getattr(self, name)
             need(isinstance(v, int) and not isinstance(v, bool) and v >= 1, f"{name} must be an integer >= 1, got {v!r}")
         for name in ("warmup_steps", "checkpoint_every"):
             v = getattr(self, name)
             need(isinstance(v, int) and not isinstance(v, bool) and v >= 0, f"{name} must be an integer >= 0, got {v!r}")
+        for name, f in _FIELDS.items():               # CLI floats too: argparse's float() accepts "inf" and "nan"
+            v = getattr(self, name)
+            if f.type.startswith("float") and v is not None:
+                need(isinstance(v, (int, float)) and math.isfinite(v), f"{name} must be a finite number, got {v!r}")
         need(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        need(self.weight_decay >= 0, f"weight_decay must be >= 0 (0 disables it), got {self.weight_decay}")
+        need(self.eps > 0, f"eps must be > 0, got {self.eps}")
+        need(self.threads is None or (isinstance(self.threads, int) and self.threads >= 1),
+             f"threads must be an integer >= 1, got {self.threads!r}")
+        need(self.peak_tflops is None or self.peak_tflops > 0, f"peak_tflops must be > 0, got {self.peak_tflops}")
         need(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         need(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, f"betas must be in [0, 1), got {self.beta1}, {self.beta2}")
         need(self.grad_clip >= 0, f"grad_clip must be >= 0 (0 disables clipping), got {self.grad_clip}")
@@ -105,9 +122,10 @@ class TrainConfig:
 
     def derive(self, world_size: int) -> dict:
         """dp and grad_accum for this world size; TrainConfigError when the sizes do not divide."""
-        if world_size % self.tp:
-            raise TrainConfigError(f"world size {world_size} is not a multiple of tp {self.tp}")
-        dp = world_size // self.tp
+        if world_size % (self.tp * self.pp):
+            raise TrainConfigError(f"world size {world_size} is not a multiple of tp {self.tp} x pp {self.pp} = "
+                                   f"{self.tp * self.pp} (rule: world = tp x pp x dp)")
+        dp = world_size // (self.tp * self.pp)
         per_step = self.micro_batch_size * dp
         if self.global_batch_size % per_step:
             raise TrainConfigError(
@@ -132,6 +150,8 @@ class TrainConfig:
         keys = ("model", "model_overrides", "seq_len", "micro_batch_size", "global_batch_size", "precision", "tp",
                 "sequence_parallel", "zero1", "seed", "data", "tokenizer")
         d = {k: getattr(self, k) for k in keys}
+        if self.pp > 1:                        # absent at pp 1: checkpoints from before pipelining keep resuming
+            d["pp"] = self.pp
         d["model_config"] = dataclasses.asdict(self.model_config())
         return d
 
@@ -176,10 +196,36 @@ PRESETS = {
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
+# What each field's value must be (the dataclass annotations, read as text under ``from __future__ import
+# annotations``): TOML and presets are checked against it, so `lr = "0.001"` is an error naming the key.
+_KINDS = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "dict": (dict,), "list": (list,)}
+_KIND_WORDS = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
+               "dict": "a table", "list": "a list"}
+
+
+def _check_type(key: str, value, annotation: str, source: str):
+    kinds = [a.strip() for a in annotation.split("|")]
+    if value is None and "None" in kinds:
+        return value
+    kind = kinds[0]
+    ok = isinstance(value, _KINDS[kind]) and (kind == "bool" or not isinstance(value, bool))
+    if not ok:
+        raise TrainConfigError(f"{source}: {key} = {value!r} must be {_KIND_WORDS[kind]}"
+                               f"{' (or absent)' if 'None' in kinds else ''}, got {type(value).__name__}")
+    if kind == "float" and not math.isfinite(value):
+        raise TrainConfigError(f"{source}: {key} = {value!r} must be a finite number")
+    if kind == "list":
+        for item in value:
+            if not isinstance(item, str):
+                raise TrainConfigError(f"{source}: {key} entries must be strings, got {item!r}")
+    return float(value) if kind == "float" else value
+
+
 def _apply(cfg: TrainConfig, values: dict, source: str) -> TrainConfig:
     for key, value in values.items():
         if key not in _FIELDS:
             raise TrainConfigError(f"{source}: unknown key {key!r} (known keys: {', '.join(sorted(_FIELDS))})")
+        value = _check_type(key, value, _FIELDS[key].type, source)
         if key == "model_overrides":
             from llama import LlamaConfig
             known = {f.name for f in dataclasses.fields(LlamaConfig)}
@@ -216,7 +262,12 @@ def load_config(name_or_path: str | None, overrides: dict | None = None) -> Trai
         raise TrainConfigError(f"--config {name_or_path!r} is neither a preset ({', '.join(PRESETS)}) nor a TOML file")
     _apply(cfg, {k: v for k, v in (overrides or {}).items() if v is not None}, "command line")
     try:
-        cfg.model_config()
+        model = cfg.model_config()
     except ValueError as e:
         raise TrainConfigError(f"model: {e}") from None
-    return cfg.validate()
+    cfg.validate()
+    if cfg.seq_len > model.max_seq_len:
+        raise TrainConfigError(f"seq_len {cfg.seq_len} exceeds the model's max_seq_len {model.max_seq_len} (model "
+                               f"{cfg.init_from_hf or cfg.model!r}); lower --seq-len or raise max_seq_len in "
+                               f"model_overrides")
+    return cfg

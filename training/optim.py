@@ -130,31 +130,32 @@ def build_scheduler(optimizer, cfg):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio))
 
 
-def global_grad_norm(params, tp_group=None) -> torch.Tensor:
+def global_grad_norm(params, tp_group=None, pp_group=None) -> torch.Tensor:
     """L2 norm of all gradients of the (TP-sharded) model, in fp32.
 
     Squares are summed in fp32 per parameter and divided by the number of TP ranks holding that exact tensor
     (``llama.parallel.tp_replicas``: tp for norm weights, 1 for shards) so each logical element counts once,
-    then all-reduced over the TP group. No DP reduction: after the DP all-reduce every DP rank holds the same
-    gradients."""
-    return _global_l2([(p, p.grad) for p in params if p.grad is not None], tp_group)
+    then all-reduced over the TP group (and over the PP group, whose stages hold disjoint parameters). No DP
+    reduction: after the DP all-reduce every DP rank holds the same gradients."""
+    return _global_l2([(p, p.grad) for p in params if p.grad is not None], tp_group, pp_group)
 
 
-def global_param_norm(params, tp_group=None) -> torch.Tensor:
+def global_param_norm(params, tp_group=None, pp_group=None) -> torch.Tensor:
     """L2 norm of the whole (TP-sharded) model's parameters, in fp32, counted as ``global_grad_norm`` counts
     gradients (DP ranks hold identical parameters)."""
-    return _global_l2([(p, p.detach()) for p in params], tp_group)
+    return _global_l2([(p, p.detach()) for p in params], tp_group, pp_group)
 
 
-def _global_l2(pairs, tp_group) -> torch.Tensor:
+def _global_l2(pairs, tp_group, pp_group=None) -> torch.Tensor:
     from llama.parallel import tp_replicas
     if not pairs:
         return torch.zeros(())
     total = torch.zeros((), dtype=torch.float32, device=pairs[0][1].device)
     for p, t in pairs:
         total += t.float().pow(2).sum() / tp_replicas(p)
-    if tp_group is not None and dist.get_world_size(tp_group) > 1:
-        dist.all_reduce(total, group=tp_group)
+    for group in (tp_group, pp_group):
+        if group is not None and dist.get_world_size(group) > 1:
+            dist.all_reduce(total, group=group)
     return total.sqrt()
 
 
