@@ -215,6 +215,11 @@ COLLECTIVES = {
 
 TYPING = {"tensor": "const"}
 
+# nl.tile_size attributes (generated/nki.language.tile_size.html)
+TILE_SIZE = ["pmax", "psum_fmax", "psum_fmax_bytes", "psum_num_banks", "sbuf_size_bytes", "sbuf_fmax",
+             "sbuf_fmax_bytes", "gemm_stationary_fmax", "gemm_moving_fmax", "bn_stats_fmax", "psum_min_align",
+             "sbuf_min_align", "total_available_sbuf_size"]
+
 # Official names the interpreter does not provide, with the reason (module, name) -> reason.
 MISSING = {
     ("nisa", "get_nc_sub_version"): "named in the issue as a 0.6 name, but no stored reference page gives its "

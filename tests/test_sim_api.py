@@ -131,6 +131,15 @@ def test_tensor_has_no_public_method_beyond_the_official_ones():
     assert not extra, f"NkiTensor has non-official public attributes {extra}"
 
 
+def test_tile_size_has_the_documented_attributes():
+    """nl.tile_size: exactly the attributes of its page; sbuf_size_bytes is the total over the 128 partitions and
+    total_available_sbuf_size the usable bytes of one partition ("Despite the name, ... per partition")."""
+    ts = nl.tile_size
+    assert sorted(k for k in vars(ts) if not k.startswith("_")) == sorted(T.TILE_SIZE)
+    assert ts.sbuf_size_bytes == 128 * 192 * 1024
+    assert ts.total_available_sbuf_size == ts.sbuf_fmax_bytes == 4 * ts.sbuf_fmax
+
+
 def test_install_as_nki_exposes_the_submodules():
     """``import nki.collectives`` and ``import nki.typing`` resolve once the interpreter is installed (the SDK
     modules of the same names); kernels.sim.install_as_nki registers them."""

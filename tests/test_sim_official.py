@@ -2,6 +2,8 @@
 the strictness of the official API (operator tables, dtype and buffer rules), and the NKI language guide's Python
 subset. Each test cites the page it is written from (awsdocs-neuron.readthedocs-hosted.com/en/v2.32.0/nki/api/
 generated/<name>.html unless stated); expected values are numpy computations of the documented formulas."""
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -285,6 +287,12 @@ def test_nkiobject_dataclass_like_config():
         return store(o)
     assert Cfg().tile == 32 and Cfg(tile=8).tile == 8
     np.testing.assert_array_equal(run(k, X), 2 * X[:, 0:32])
+
+    @dataclasses.dataclass(frozen=True, eq=True)
+    class Frozen(nl.NKIObject):        # the nki-library pattern: frozen dataclass configuration
+        tile: int = 16
+
+    assert Frozen(tile=4).tile == 4 and Frozen() == Frozen(16)
 
 
 # ------------------------------------------------------------------------------------------------ new names

@@ -71,18 +71,23 @@ def is_sbuf(buffer):
 
 
 class tile_size(NKIObject):
-    """Hardware tile limits of NeuronCore-v2 (trn1). ``total_available_sbuf_size`` is the interpreter's usable SBUF
-    bytes per partition (192 KiB minus 16 KiB the compiler reserves); the alignment values are the dtype-free
-    minimum the interpreter assumes (the docs do not state them)."""
+    """Hardware tile size constants of NeuronCore-v2 (trn1), attributes as the nki.language.tile_size page lists
+    them. SBUF: 192 KiB per partition of which 176 KiB are usable (16 KiB compiler-reserved, spec 3.1), so
+    ``sbuf_size_bytes`` (total, all partitions) is 128 x 192 KiB and ``sbuf_fmax_bytes`` (usable per partition)
+    176 KiB; the alignment values are the interpreter's assumption (the page gives no number)."""
     pmax = 128
     psum_fmax = 512
-    psum_bank_fmax = 512
+    psum_fmax_bytes = 2048
+    psum_num_banks = 8
+    sbuf_size_bytes = 128 * 192 * 1024
+    sbuf_fmax_bytes = _memory.SBUF_BYTES_PER_PARTITION
+    sbuf_fmax = _memory.SBUF_BYTES_PER_PARTITION // 4
     gemm_stationary_fmax = 128
     gemm_moving_fmax = 512
     bn_stats_fmax = 512
     psum_min_align = 4
     sbuf_min_align = 4
-    total_available_sbuf_size = _memory.SBUF_BYTES_PER_PARTITION
+    total_available_sbuf_size = _memory.SBUF_BYTES_PER_PARTITION   # deprecated alias of sbuf_fmax_bytes
 
 
 # ------------------------------------------------------------------------------------------------ allocation
