@@ -606,6 +606,8 @@ def tensor_scalar(dst, data, op0, operand0, reverse0=False, op1=None, operand1=N
     unary0 = isinstance(op0, _ops.Op) and op0.fn is None and op0.unary is not None
     if unary0:
         o0 = _ops.unary(op0, I, "op0", allowed=_ops.OP_RULES["tensor_scalar.unary"])
+        if o0.name in _ops.OP_RULES["tensor_scalar.unary_v4"]:
+            _target.require(4, I, f"op0=nl.{o0.name}")
         if operand0 is not None and not (isinstance(operand0, (int, float)) and operand0 == 0):
             _fail("tensor_scalar.unary", I, "operand0", f"must be None or 0 when op0 is the unary nl.{o0.name}")
     else:

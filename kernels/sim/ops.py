@@ -178,6 +178,8 @@ OP_RULES = {
     # nki.isa.tensor_scalar: op0 may be a unary operator ("Must be None or 0 when op0 is a unary operator (e.g.,
     # nl.abs)"); the unary ALU operators of the nki-aluop table
     "tensor_scalar.unary": ("abs", "square", "relu", "rsqrt", "reciprocal"),
+    # 0.4 release notes: "square and relu are now accepted as op0 on trn3"
+    "tensor_scalar.unary_v4": ("square", "relu"),
     # nki.isa.tensor_scalar_reduce: "The reduce_op can be any of nl.add, nl.multiply, nl.max or nl.min"
     "tensor_scalar_reduce.reduce_op": ("add", "multiply", "maximum", "minimum"),
     # nki.isa.tensor_scalar_reduce reduce_cmd: "Supported: reset_reduce (default), reduce, load_reduce"
