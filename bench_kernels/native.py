@@ -8,8 +8,8 @@ Sections (all on --threads threads; every timed variant runs in its own process,
             moments): the fused native AdamW-SR against the PyTorch composite "fp32 AdamW math, then an SR cast"
             (torchao-style: torch.randint bits) and against SRAdamW's PyTorch path (the same counter bits as the
             native kernel). Time: median of --steps steps after one warm-up step. Peak memory: the process's peak
-            RSS (VmHWM, reset through /proc/self/clear_refs after the state is allocated) minus its RSS then,
-            i.e. the temporaries a step needs beyond parameters, gradients and moments.
+            RSS over all steps (VmHWM, reset through /proc/self/clear_refs once the state is allocated) minus
+            its RSS then, i.e. the memory the steps need beyond parameters, gradients and moments.
   kernels   RMSNorm and SwiGLU forward + backward (autograd, bf16) at the tiny config's shapes (1024 x 64 and
             1024 x 176) and at hidden 4096 (2048 x 4096 and 2048 x 11008): kernels.native against the reference
             composite (what the ``reference`` backend of kernels.ops runs). Median of 30 (tiny) / 5 calls per
@@ -103,9 +103,9 @@ def adamw_child(variant: str, n_params: int, steps: int, threads: int) -> dict:
         else:
             _composite_step(params, grads, ms, vs, t, counter_bits=variant == "sradamw-pytorch")
 
-    step(1)                                              # warm-up (first-touch of the moments, thread pool)
-    rss0 = _rss_kib("VmRSS")
+    rss0 = _rss_kib("VmRSS")                             # parameters, gradients and (touched) moments
     _reset_peak_rss()
+    step(1)                                              # warm-up (thread pool, allocator), in the peak
     times = []
     for t in range(2, 2 + steps):
         t0 = time.perf_counter()

@@ -13,6 +13,7 @@ import torch
 
 
 def require_native():
+    """kernels.native, loaded (built first if needed); fails the test when it cannot be."""
     import kernels.native as native
     if not native.available():
         if native._compiler()[0] is None:
@@ -41,3 +42,4 @@ def isa(name: str):
         yield got
     finally:
         select(previous)
+

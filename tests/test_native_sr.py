@@ -19,15 +19,12 @@ from hypothesis import strategies as st
 from tests.native_helpers import isa, require_native, threads
 from training.precision import sr_bits, sr_tensor_key, stochastic_round_bf16
 
-OPS = None
+OPS = torch.ops.llama_kernels
 
 
 @pytest.fixture(scope="module", autouse=True)
-def native():
-    global OPS
-    n = require_native()
-    OPS = torch.ops.llama_kernels
-    return n
+def _native():
+    return require_native()
 
 
 def _i16(t):
@@ -139,7 +136,7 @@ def _composite(p, grad, m, v, t, key, lr, beta1, beta2, eps, weight_decay):
     p.copy_(stochastic_round_bf16(p32, key=key))
 
 
-def _native(p, grad, m, v, t, key, lr, beta1, beta2, eps, weight_decay):
+def _fused(p, grad, m, v, t, key, lr, beta1, beta2, eps, weight_decay):
     OPS.native_adamw_sr_(p, grad, m, v, lr, beta1, beta2, eps, weight_decay, 1 - beta1 ** t, 1 - beta2 ** t, key)
 
 
@@ -151,7 +148,7 @@ def test_adamw_sr_matches_the_pytorch_composite(grad_dtype, weight_decay):
     b = [t.clone() for t in a]
     for t in (1, 2, 3):
         key = sr_tensor_key(1234, t, 0, 0)
-        _native(*a, t, key, **hp)
+        _fused(*a, t, key, **hp)
         _composite(*b, t, key, **hp)
     assert torch.equal(a[2], b[2]) and torch.equal(a[3], b[3])              # moments: bit for bit
     differ = _i16(a[0]) != _i16(b[0])
@@ -166,7 +163,7 @@ def test_adamw_sr_is_an_unbiased_rounding_of_the_float64_update():
     p = torch.ones(n, dtype=torch.bfloat16)
     grad = torch.full((n,), 0.3, dtype=torch.bfloat16)
     m, v = torch.zeros(n), torch.zeros(n)
-    _native(p, grad, m, v, 1, sr_tensor_key(5, 1, 0, 0), lr=1e-3, beta1=0.9, beta2=0.95, eps=1e-8,
+    _fused(p, grad, m, v, 1, sr_tensor_key(5, 1, 0, 0), lr=1e-3, beta1=0.9, beta2=0.95, eps=1e-8,
             weight_decay=0.0)
     g = float(grad[0])
     exact = 1.0 - 1e-3 * g / (abs(g) + 1e-8)                                # first step: m_hat = g, v_hat = g^2
@@ -181,18 +178,18 @@ def test_adamw_sr_non_contiguous_zero_size_and_bad_input():
     ct = [t.t() for t in _state((40, 30), torch.bfloat16, 2)]             # non-contiguous [30, 40] views
     d = [t.t().contiguous() for t in _state((40, 30), torch.bfloat16, 2)]  # the same logical tensors, contiguous
     before = ct[0].clone()
-    _native(*ct, 1, 77, **HP)
-    _native(*d, 1, 77, **HP)
+    _fused(*ct, 1, 77, **HP)
+    _fused(*d, 1, 77, **HP)
     assert not torch.equal(ct[0], before)                                   # updated in place through the view
     for x, y in zip(ct, d):
         assert torch.equal(x, y)                                            # element i = row-major logical index
     z = [torch.empty(0, 5, dtype=torch.bfloat16), torch.empty(0, 5), torch.empty(0, 5), torch.empty(0, 5)]
-    _native(*z, 1, 1, **HP)
+    _fused(*z, 1, 1, **HP)
     p, grad, m, v = _state((8,), torch.bfloat16, 3)
     with pytest.raises(RuntimeError, match="bfloat16"):
-        _native(p.float(), grad, m, v, 1, 1, **HP)
+        _fused(p.float(), grad, m, v, 1, 1, **HP)
     with pytest.raises(RuntimeError, match="shape"):
-        _native(p, grad[:4], m, v, 1, 1, **HP)
+        _fused(p, grad[:4], m, v, 1, 1, **HP)
 
 
 def test_sr_and_adamw_bitwise_identical_for_threads_and_variants():
@@ -202,7 +199,7 @@ def test_sr_and_adamw_bitwise_identical_for_threads_and_variants():
     for n_threads, variant in ((1, "AVX512"), (2, "AVX512"), (2, "AVX2"), (2, "DEFAULT")):
         with threads(n_threads), isa(variant):
             st_ = [t.clone() for t in base]
-            _native(*st_, 3, 4242, **HP)
+            _fused(*st_, 3, 4242, **HP)
             results.append((OPS.native_sr_bf16(x, 99), *st_))
     for other in results[1:]:
         for a, b in zip(results[0], other):
