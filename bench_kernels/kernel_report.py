@@ -1,17 +1,29 @@
-"""Per-kernel cost report on the NKI interpreter: instructions per engine and HBM<->SBUF bytes vs the minimum.
+"""Per-kernel report on the NKI interpreter: estimated time on trn1 (kernels.sim.cost), roofline, bytes.
 
 Each forward and backward kernel runs once through its torch-level launcher (``kernels/<op>.py``) on CPU
 tensors, i.e. on ``kernels.sim``, at the per-tensor-parallel-rank shapes of Llama 2 (TP=8, sequence 4096,
-micro-batch 1, bf16). The interpreter's trace gives the instruction count per engine and the bytes every
-DMA moved between HBM and on-chip memory. The minimum is each launcher input read once plus each launcher
-output written once (tensor sizes as the launchers take and return them, e.g. RoPE's cos/sin as [B,S,D]).
-Target: ratio <= 1.1 for every kernel and direction.
+micro-batch 1, bf16; model sizes from ``llama.config`` presets). The interpreter's trace gives the instructions
+per engine and the bytes every DMA moved between HBM and on-chip memory; ``kernels.sim.cost.estimate`` turns the
+trace into an estimated time on one NeuronCore-v2 (documented per-instruction formulas, not a measurement).
+
+Columns (``Row``):
+* est_us: the cost model's total time; bound: its bound engine ("latency" when no engine is busy >= 50%);
+  busy_*: percent of est_us each engine (dma = mean of the 16 DMA queues) is busy.
+* floor_us: roofline floor = max(useful FLOPs / TensorE bf16 peak, minimum bytes / HBM bandwidth)
+  (``kernels.sim.cost.roofline_floor_us``). Useful FLOPs: 0 for the elementwise kernels (no matmul is needed);
+  attention counts only the unmasked (causal) query-key pairs, S(S+1)/2 per head: forward 2 matmuls
+  (QK^T, PV) = 4*D FLOPs per pair, backward 5 (QK^T recomputed, dP = dO V^T, dV, dK, dQ) = 10*D per pair
+  (FlashAttention-2's convention, backward = 2.5x forward). TensorE transposes are not useful FLOPs.
+* pct_roofline = 100 * floor_us / est_us: how close the kernel is to the roofline in the model. Above 100 is
+  impossible and flagged (it would mean a bug in the model or in the minimum counts).
+* Minimum bytes: each launcher input read once plus each launcher output written once (tensor sizes as the
+  launchers take and return them, e.g. RoPE's cos/sin as [B,S,D]); hbm_ratio = HBM bytes moved / minimum.
 
 RMSNorm is reported at the non-sequence-parallel shape, rows = seq = 4096 (with sequence parallelism each
-rank normalises 4096/8 = 512 rows of the same width; bytes scale with the rows, so the ratio barely moves).
-Attention (kernels/attention.py) is causal with the default scale; its backward takes o and lse from the
-float32 PyTorch reference (kernels.reference.flash_attention_ref), so that only the kernel under test runs
-on the interpreter. Its minimum counts lse (fp32) as an output of the forward and an input of the backward.
+rank normalises 4096/8 = 512 rows of the same width). Attention (kernels/attention.py) is causal with the
+default scale; its backward takes o and lse from the float32 PyTorch reference
+(kernels.reference.flash_attention_ref), so that only the kernel under test runs on the interpreter. Its minimum
+counts lse (fp32) as an output of the forward and an input of the backward.
 
 To add a kernel: add one ``KernelSpec`` to ``KERNELS``.
 """
@@ -29,20 +41,25 @@ SEQ = 4096
 MICRO_BATCH = 1
 HEAD_DIM = 128
 ENGINES = ("tensor", "vector", "scalar", "gpsimd", "dma", "sync")
-
-# Llama 2 model dimensions (Touvron et al. 2023, table 1 / HF configs): hidden, heads, kv heads, FFN width.
-MODELS = {
-    "7b": dict(hidden=4096, heads=32, kv_heads=32, ffn=11008),
-    "13b": dict(hidden=5120, heads=40, kv_heads=40, ffn=13824),
-    "70b": dict(hidden=8192, heads=64, kv_heads=8, ffn=28672),
-}
+BUSY_ENGINES = ("tensor", "vector", "scalar", "gpsimd", "dma")
 
 
-def rank_shapes(model: str) -> dict:
-    """Per-TP-rank shapes of one layer's fused kernels for a model name in MODELS."""
+def _llama2(name):
+    from llama.config import LlamaConfig
+    c = LlamaConfig.preset(f"llama2-{name}")
+    return dict(hidden=c.hidden_size, heads=c.num_heads, kv_heads=c.num_kv_heads, ffn=c.intermediate_size)
+
+
+# Llama 2 model dimensions (Touvron et al. 2023, table 1 / HF configs) from llama.config's presets.
+MODELS = {name: _llama2(name) for name in ("7b", "13b", "70b")}
+
+
+def rank_shapes(model: str, seq: int = SEQ) -> dict:
+    """Per-TP-rank shapes of one layer's fused kernels for a model name in MODELS (sequence ``seq``)."""
     m = MODELS[model]
     return dict(
-        rows=MICRO_BATCH * SEQ,
+        rows=MICRO_BATCH * seq,
+        seq=seq,
         hidden=m["hidden"],
         q_heads=m["heads"] // TP,
         kv_heads=max(1, m["kv_heads"] // TP),      # kv heads are replicated when TP > kv heads
@@ -62,6 +79,7 @@ class Direction:
     name: str                                   # "fwd" | "bwd"
     launcher: str                               # function name in the kernel module
     inputs: Callable[[dict, torch.dtype], tuple]  # (shapes, dtype) -> launcher arguments
+    useful_flops: Callable[[dict], int] = lambda s: 0  # FLOPs the roofline counts (module docstring)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,14 +102,14 @@ def _rms_bwd(s, dt):
 
 def _rope_tables(s, dt):
     inv = 1.0 / (10000 ** (torch.arange(0, HEAD_DIM, 2, dtype=torch.float32) / HEAD_DIM))
-    ang = torch.arange(SEQ, dtype=torch.float32)[:, None] * inv
-    emb = torch.cat((ang, ang), -1).expand(MICRO_BATCH, SEQ, HEAD_DIM)
+    ang = torch.arange(s["seq"], dtype=torch.float32)[:, None] * inv
+    emb = torch.cat((ang, ang), -1).expand(MICRO_BATCH, s["seq"], HEAD_DIM)
     return emb.cos().to(dt).contiguous(), emb.sin().to(dt).contiguous()
 
 
 def _rope_args(s, dt, seed):
-    q = _randn(MICRO_BATCH, s["q_heads"], SEQ, HEAD_DIM, dtype=dt, seed=seed)
-    k = _randn(MICRO_BATCH, s["kv_heads"], SEQ, HEAD_DIM, dtype=dt, seed=seed + 1)
+    q = _randn(MICRO_BATCH, s["q_heads"], s["seq"], HEAD_DIM, dtype=dt, seed=seed)
+    k = _randn(MICRO_BATCH, s["kv_heads"], s["seq"], HEAD_DIM, dtype=dt, seed=seed + 1)
     return (q, k, *_rope_tables(s, dt))
 
 
@@ -104,9 +122,9 @@ def _swiglu_bwd(s, dt):
 
 
 def _attn_fwd(s, dt):
-    q = _randn(MICRO_BATCH, s["q_heads"], SEQ, HEAD_DIM, dtype=dt, seed=10)
-    k = _randn(MICRO_BATCH, s["kv_heads"], SEQ, HEAD_DIM, dtype=dt, seed=11)
-    v = _randn(MICRO_BATCH, s["kv_heads"], SEQ, HEAD_DIM, dtype=dt, seed=12)
+    q = _randn(MICRO_BATCH, s["q_heads"], s["seq"], HEAD_DIM, dtype=dt, seed=10)
+    k = _randn(MICRO_BATCH, s["kv_heads"], s["seq"], HEAD_DIM, dtype=dt, seed=11)
+    v = _randn(MICRO_BATCH, s["kv_heads"], s["seq"], HEAD_DIM, dtype=dt, seed=12)
     return (q, k, v)
 
 
@@ -117,6 +135,12 @@ def _attn_bwd(s, dt):
     return (q, k, v, o, _randn(*q.shape, dtype=dt, seed=13), lse.float())
 
 
+def _attn_flops(s, matmuls):
+    """2*D FLOPs per matmul per unmasked (causal) query-key pair, S(S+1)/2 pairs per query head."""
+    pairs = s["seq"] * (s["seq"] + 1) // 2
+    return matmuls * 2 * HEAD_DIM * pairs * MICRO_BATCH * s["q_heads"]
+
+
 KERNELS = {
     "rmsnorm": KernelSpec(
         module="rmsnorm",
@@ -124,7 +148,7 @@ KERNELS = {
         directions=(Direction("fwd", "rms_norm_fwd", _rms_fwd), Direction("bwd", "rms_norm_bwd", _rms_bwd))),
     "rope": KernelSpec(
         module="rope",
-        describe=lambda s: f"q[{MICRO_BATCH},{s['q_heads']},{SEQ},{HEAD_DIM}] k[{MICRO_BATCH},{s['kv_heads']},{SEQ},{HEAD_DIM}]",
+        describe=lambda s: f"q[{MICRO_BATCH},{s['q_heads']},{s['seq']},{HEAD_DIM}] k[{MICRO_BATCH},{s['kv_heads']},{s['seq']},{HEAD_DIM}]",
         directions=(Direction("fwd", "rope_fwd", lambda s, dt: _rope_args(s, dt, 4)),
                     Direction("bwd", "rope_bwd", lambda s, dt: _rope_args(s, dt, 9)))),
     "swiglu": KernelSpec(
@@ -134,9 +158,9 @@ KERNELS = {
     "attention": KernelSpec(
         module="attention",
         # q [B, Hq, S, D] and k/v [B, Hkv, S, D] as "q,kv[B,Hq/Hkv,S,D]" (keeps the table's column width)
-        describe=lambda s: f"q,kv[{MICRO_BATCH},{s['q_heads']}/{s['kv_heads']},{SEQ},{HEAD_DIM}] causal",
-        directions=(Direction("fwd", "flash_attention_fwd", _attn_fwd),
-                    Direction("bwd", "flash_attention_bwd", _attn_bwd))),
+        describe=lambda s: f"q,kv[{MICRO_BATCH},{s['q_heads']}/{s['kv_heads']},{s['seq']},{HEAD_DIM}] causal",
+        directions=(Direction("fwd", "flash_attention_fwd", _attn_fwd, lambda s: _attn_flops(s, 2)),
+                    Direction("bwd", "flash_attention_bwd", _attn_bwd, lambda s: _attn_flops(s, 5)))),
 }
 
 
@@ -154,64 +178,138 @@ def _nbytes(ts):
     return sum(t.numel() * t.element_size() for t in ts)
 
 
+def select(kernels=None, models=None, directions=None, table=None) -> list[tuple]:
+    """(kernel, direction, model) triples in report order; None selects all. Unknown names: ValueError."""
+    table = table or KERNELS
+    for what, given, known in (("kernel", kernels, table), ("shape", models, MODELS),
+                               ("direction", directions, ("fwd", "bwd"))):
+        bad = [g for g in (given or ()) if g not in known]
+        if bad:
+            raise ValueError(f"unknown {what} {', '.join(map(repr, bad))}; known: {', '.join(known)}")
+    out = []
+    for m in models or MODELS:
+        for k in kernels or table:
+            for d in table[k].directions:
+                if directions is None or d.name in directions:
+                    out.append((k, d.name, m))
+    return out
+
+
+def direction_spec(kernel: str, direction: str, table: dict | None = None) -> Direction:
+    spec = (table or KERNELS)[kernel]
+    for d in spec.directions:
+        if d.name == direction:
+            return d
+    raise ValueError(f"kernel {kernel!r} has no direction {direction!r}")
+
+
+def launcher_inputs(kernel, direction, model="7b", seq=SEQ, dtype=torch.bfloat16, table=None):
+    """(launcher function, its arguments (CPU tensors), shapes dict) of one kernel direction."""
+    spec = (table or KERNELS)[kernel]
+    d = direction_spec(kernel, direction, table)
+    shapes = rank_shapes(model, seq)
+    fn = getattr(importlib.import_module(f"kernels.{spec.module}"), d.launcher)
+    return fn, d.inputs(shapes, dtype), shapes
+
+
 @dataclasses.dataclass
 class Row:
     kernel: str
     direction: str
+    model: str
     shape: str
     dtype: str
-    engines: dict
+    engines: dict                # instructions per engine (trace)
     hbm_read: int
     hbm_written: int
     min_bytes: int
-    wall_s: float
-    instructions: list = dataclasses.field(default_factory=list, repr=False)
+    useful_flops: int
+    est_us: float                # kernels.sim.cost estimate
+    floor_us: float              # roofline floor
+    bound: str
+    busy: dict                   # percent of est_us per engine (BUSY_ENGINES)
+    tensor_flops_pct: float      # matmul FLOPs executed / (est_us x TensorE peak), transposes excluded
+    wall_s: float                # interpreter CPU wall time
+    model_s: float               # cost-model wall time
+    measured_us: float | None = None   # on a Neuron device (bench_kernels.device), else None
+    report: object = dataclasses.field(default=None, repr=False)   # CostReport when kept
 
     @property
     def ratio(self) -> float:
         return (self.hbm_read + self.hbm_written) / self.min_bytes
 
+    @property
+    def pct_roofline(self) -> float:
+        return 100.0 * self.floor_us / self.est_us if self.est_us else 0.0
+
+    @property
+    def impossible(self) -> bool:
+        """An estimate below the roofline floor cannot be: a model or minimum-count bug."""
+        return self.pct_roofline > 100.0 + 1e-9
+
     def as_dict(self) -> dict:
-        d = dict(kernel=self.kernel, direction=self.direction, shape=self.shape, dtype=self.dtype)
+        d = dict(kernel=self.kernel, direction=self.direction, model=self.model, shape=self.shape,
+                 dtype=self.dtype, est_us=round(self.est_us, 3), floor_us=round(self.floor_us, 3),
+                 pct_roofline=round(self.pct_roofline, 2), bound=self.bound)
+        d.update({f"busy_{e}_pct": round(self.busy.get(e, 0.0), 2) for e in BUSY_ENGINES})
+        d.update(tensor_flops_pct=round(self.tensor_flops_pct, 2), useful_flops=self.useful_flops)
         d.update({f"n_{e}": self.engines.get(e, 0) for e in ENGINES})
         d.update(n_total=sum(self.engines.values()), hbm_read=self.hbm_read, hbm_written=self.hbm_written,
-                 min_bytes=self.min_bytes, ratio=round(self.ratio, 4), wall_s=round(self.wall_s, 3))
+                 min_bytes=self.min_bytes, hbm_ratio=round(self.ratio, 4),
+                 measured_us="" if self.measured_us is None else round(self.measured_us, 3),
+                 wall_s=round(self.wall_s, 3), model_s=round(self.model_s, 3))
         return d
 
 
-def measure(kernel: str, model: str = "7b", dtype: torch.dtype = torch.bfloat16, keep_trace: bool = False,
-            kernels: dict | None = None) -> list[Row]:
-    """Run every direction of one kernel on the interpreter and return one Row per direction."""
-    from kernels.sim import trace      # the interpreter; only needed here
+CSV_COLUMNS = tuple(Row("", "", "", "", "", {}, 0, 0, 1, 0, 1.0, 0.0, "", {}, 0.0, 0.0, 0.0).as_dict())
 
-    spec = (kernels or KERNELS)[kernel]
-    shapes = rank_shapes(model)
-    module = importlib.import_module(f"kernels.{spec.module}")
-    rows = []
-    for d in spec.directions:
-        args = d.inputs(shapes, dtype)
-        fn = getattr(module, d.launcher)
-        t0 = time.perf_counter()
-        with trace.record() as tr:
-            out = fn(*args)
-        wall = time.perf_counter() - t0
-        rd, wr = tr.hbm_bytes()
-        rows.append(Row(kernel=kernel, direction=d.name, shape=spec.describe(shapes),
-                        dtype=str(dtype).replace("torch.", ""), engines=tr.counts_by_engine(), hbm_read=rd,
-                        hbm_written=wr, min_bytes=_nbytes(_tensors(args)) + _nbytes(_tensors(out)), wall_s=wall,
-                        instructions=list(tr.instructions) if keep_trace else []))
-    return rows
+
+def measure_one(kernel: str, direction: str, model: str = "7b", seq: int = SEQ, dtype: torch.dtype = torch.bfloat16,
+                keep_report: bool = False, table: dict | None = None) -> Row:
+    """Run one kernel direction on the interpreter, estimate its trn1 time; one Row."""
+    from kernels.sim import cost, trace      # the interpreter and its cost model; only needed here
+
+    spec = (table or KERNELS)[kernel]
+    fn, args, shapes = launcher_inputs(kernel, direction, model, seq, dtype, table)
+    t0 = time.perf_counter()
+    with trace.record() as tr:
+        out = fn(*args)
+    wall = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    rep = cost.estimate(tr)
+    model_s = time.perf_counter() - t0
+    rd, wr = tr.hbm_bytes()
+    min_bytes = _nbytes(_tensors(args)) + _nbytes(_tensors(out))
+    flops = direction_spec(kernel, direction, table).useful_flops(shapes)
+    return Row(kernel=kernel, direction=direction, model=model, shape=spec.describe(shapes),
+               dtype=str(dtype).replace("torch.", ""), engines=tr.counts_by_engine(), hbm_read=rd, hbm_written=wr,
+               min_bytes=min_bytes, useful_flops=flops, est_us=rep.total_us,
+               floor_us=cost.roofline_floor_us(flops, min_bytes, fp32=dtype == torch.float32), bound=rep.bound,
+               busy={e: rep.busy_pct.get(e, 0.0) for e in BUSY_ENGINES},
+               tensor_flops_pct=rep.tensor_util["flops_pct"], wall_s=wall, model_s=model_s,
+               report=rep if keep_report else None)
+
+
+def measure(kernel: str, model: str = "7b", dtype: torch.dtype = torch.bfloat16, seq: int = SEQ,
+            keep_report: bool = False, table: dict | None = None) -> list[Row]:
+    """Every direction of one kernel (one Row each)."""
+    return [measure_one(kernel, d.name, model, seq, dtype, keep_report, table)
+            for d in (table or KERNELS)[kernel].directions]
 
 
 def format_table(rows: list[Row]) -> str:
-    head = ["kernel", "dir", "shape", "dtype", *ENGINES, "HBM read", "HBM written", "min bytes", "ratio", "wall s"]
+    measured = any(r.measured_us is not None for r in rows)
+    head = ["kernel", "dir", "model", "shape", "est us", *(["measured us"] if measured else []), "floor us",
+            "% roof", "bound", *(f"{e} %" for e in BUSY_ENGINES), "HBM/min", "instrs", "wall s"]
     body = []
     for r in rows:
-        body.append([r.kernel, r.direction, r.shape, r.dtype, *(str(r.engines.get(e, 0)) for e in ENGINES),
-                     f"{r.hbm_read:,}", f"{r.hbm_written:,}", f"{r.min_bytes:,}", f"{r.ratio:.3f}",
-                     f"{r.wall_s:.2f}"])
+        meas = [] if not measured else ["-" if r.measured_us is None else f"{r.measured_us:.1f}"]
+        body.append([r.kernel, r.direction, r.model, r.shape, f"{r.est_us:.1f}", *meas, f"{r.floor_us:.1f}",
+                     f"{r.pct_roofline:.1f}" + ("!" if r.impossible else ""), r.bound,
+                     *(f"{r.busy.get(e, 0.0):.0f}" for e in BUSY_ENGINES), f"{r.ratio:.3f}",
+                     f"{sum(r.engines.values()):,}", f"{r.wall_s:.2f}"])
     widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths))]
-    lines += ["  ".join(c.rjust(w) if i >= 4 else c.ljust(w) for i, (c, w) in enumerate(zip(b, widths)))
-              for b in body]
+    lines += ["  ".join(c.rjust(w) if i >= 4 and head[i] != "bound" else c.ljust(w)
+                        for i, (c, w) in enumerate(zip(b, widths))) for b in body]
     return "\n".join(lines)
