@@ -235,6 +235,39 @@ def test_enums_are_the_official_plain_enums():
     assert nl.hbm is nl.private_hbm and isinstance(nl.sbuf, nl.MemoryRegion)
 
 
+def test_tfloat32_is_a_distinct_dtype():
+    """nl.tfloat32 is its own dtype (1S,8E,10M; nki.language.tfloat32), not float32: a write rounds to a 10-bit
+    mantissa (nearest-even), and it pairs with float32 in nc_matmul ("if one of the input tiles is
+    tfloat32/float32, the other tile must also be tfloat32/float32")."""
+    assert nl.tfloat32 != nl.float32 and nl.tfloat32.itemsize == 4
+    a = (1.0 + np.arange(128 * 8).reshape(128, 8) * 2.0 ** -12).astype(np.float32)
+
+    def k(x):
+        t = nl.ndarray((128, 8), dtype=nl.tfloat32, buffer=nl.sbuf)
+        nisa.dma_copy(dst=t, src=x)
+        assert t.dtype == nl.tfloat32 and t.dtype != nl.float32
+        ps = nl.ndarray((8, 8), dtype=nl.float32, buffer=nl.psum)
+        nisa.nc_matmul(dst=ps, stationary=t, moving=load(x[:, 0:8]))
+        o = sb((8, 8))
+        nisa.tensor_copy(dst=o, src=ps)
+        f = sb((128, 8))
+        nisa.tensor_copy(dst=f, src=t)
+        return store(f), store(o)
+    vals, _ = run(k, a)
+    bits = a.view(np.uint32).astype(np.uint64)
+    ref = ((bits + 0xFFF + ((bits >> 13) & 1)) & 0xFFFFE000).astype(np.uint32).view(np.float32)   # RNE to 10 bits
+    np.testing.assert_array_equal(vals, ref)
+
+    def k_bad(x):
+        t = nl.ndarray((128, 8), dtype=nl.tfloat32, buffer=nl.sbuf)
+        nisa.dma_copy(dst=t, src=x)
+        ps = nl.ndarray((8, 8), dtype=nl.float32, buffer=nl.psum)
+        nisa.nc_matmul(dst=ps, stationary=t, moving=load(x[:, 0:8], nl.bfloat16))
+        return hbm_out((1, 1), nl.float32)
+    with pytest.raises(ConstraintError, match="matmul.fp32_pair"):
+        run(k_bad, a)
+
+
 def test_every_raised_rule_has_a_source():
     """Every rule name the interpreter raises is in the rule-source table (kernels.sim.rules.SOURCES)."""
     import pathlib

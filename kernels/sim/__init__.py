@@ -55,8 +55,8 @@ piecewise-polynomial approximations (so no out-of-range garbage such as HW ``sin
 ``dropout``, ``nl.rand``) is numpy's PCG64, so bit streams differ from hardware (only statistics are comparable);
 matmul sums in numpy fp32 order; no timing or engine concurrency (the trace feeds a separate cost model); the
 Tensor-engine transpose is exact even for NaN/Inf (trn1's is not); element order of a DMA between differently shaped
-views is row-major over each view; dtypes are numpy dtypes (they compare equal to the official dtype names, but
-``nl.tfloat32 == nl.float32``); registers and dynamic loops (``fori_loop``, ``while_loop``, ``dynamic_range``) hold
+views is row-major over each view; dtypes are numpy dtypes (they compare equal to the official dtype names; the
+tfloat32 dtype object is a marker, its tiles hold float32 values rounded to 10 mantissa bits); registers and dynamic loops (``fori_loop``, ``while_loop``, ``dynamic_range``) hold
 and run on concrete values; collectives run on one rank only; behaviour the docs call undefined (an
 ``nc_find_index8`` value absent from the data, an out-of-bounds ``local_gather`` index, ``accumulate=True`` onto
 PSUM not written by a matmul) raises instead.

@@ -1,14 +1,16 @@
 """NKI data types as numpy dtypes (bf16/fp8 through ml_dtypes) and the cast used on every write.
 
-``tfloat32`` is stored as float32 whose mantissa is rounded (nearest-even) to 10 bits on every write; it is a
-float32 numpy dtype carrying ``metadata={"nki": "tfloat32"}``, so it compares equal to float32 (the two must
-pair in matmul anyway) while :func:`is_tf32` tells them apart.
+``tfloat32`` is stored as float32 whose mantissa is rounded (nearest-even) to 10 bits on every write. Its dtype
+object is the byte-swapped float32 dtype carrying ``metadata={"nki": "tfloat32"}``: a distinct dtype
+(``tfloat32 != float32``, as in NKI) that is never used for storage (tiles of it hold native float32 values);
+:func:`is_tf32` recognises it. A plain non-native-order numpy dtype from a caller's array is normalised to the
+native one.
 """
 import ml_dtypes
 import numpy as np
 
 float32 = np.dtype(np.float32)
-tfloat32 = np.dtype(np.float32, metadata={"nki": "tfloat32"})
+tfloat32 = np.dtype(np.dtype(np.float32).newbyteorder("S").str, metadata={"nki": "tfloat32"})
 float16 = np.dtype(np.float16)
 bfloat16 = np.dtype(ml_dtypes.bfloat16)
 float8_e4m3 = np.dtype(ml_dtypes.float8_e4m3)
@@ -33,7 +35,7 @@ ALL = dict(float32=float32, tfloat32=tfloat32, float16=float16, bfloat16=bfloat1
            float8_e4m3fn=float8_e4m3fn, float8_e5m2=float8_e5m2, int8=int8, int16=int16, int32=int32,
            uint8=uint8, uint16=uint16, uint32=uint32, bool_=bool_, float8_e8m0fnu=float8_e8m0fnu,
            float8_e5m2_x4=float8_e5m2_x4, float8_e4m3fn_x4=float8_e4m3fn_x4, float4_e2m1fn_x4=float4_e2m1fn_x4)
-_FLOATS = {float32, float16, bfloat16, float8_e4m3, float8_e4m3fn, float8_e5m2, float8_e8m0fnu}
+_FLOATS = {float32, tfloat32, float16, bfloat16, float8_e4m3, float8_e4m3fn, float8_e5m2, float8_e8m0fnu}
 _BY_NAME = {k: v for k, v in ALL.items()}
 _BY_NAME.update(fp32=float32, fp16=float16, bf16=bfloat16, tf32=tfloat32, bool=bool_, float=float32)
 
@@ -71,6 +73,8 @@ def normalize(dt, where="dtype"):
     """Accept nl dtypes, numpy dtypes/types, names and torch dtypes; refuse what NKI does not have."""
     if isinstance(dt, np.dtype):
         out = dt
+        if not out.isnative and not is_tf32(out):
+            out = out.newbyteorder("=")
     elif isinstance(dt, str):
         if dt not in _BY_NAME:
             raise TypeError(f"{where}: unknown NKI dtype {dt!r}")

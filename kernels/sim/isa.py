@@ -354,13 +354,14 @@ def nc_matmul(dst, stationary, moving, is_stationary_onezero=False, is_moving_on
         if v == 2 or dst.dtype != _dt.bfloat16:
             _fail("matmul.dst_dtype", I, "dst", f"is {_dt.name(dst.dtype)}; nc_matmul dst dtype must be float32 on "
                  f"gen2" + ("" if v == 2 else " (bfloat16 allowed on gen3+)"), "float32")
-    allowed = (_dt.float32, _dt.bfloat16, _dt.float16, _dt.float8_e4m3, _dt.float8_e5m2, _dt.float8_e4m3fn)
+    allowed = (_dt.float32, _dt.tfloat32, _dt.bfloat16, _dt.float16, _dt.float8_e4m3, _dt.float8_e5m2,
+               _dt.float8_e4m3fn)
     for role, t in (("stationary", stationary), ("moving", moving)):
         if t.dtype not in allowed:
             _fail("matmul.dtype", I, role, f"dtype {_dt.name(t.dtype)} is not a matmul input type (fp8/bf16/fp16/"
                  f"tf32/fp32)")
-    f32s = stationary.dtype == _dt.float32
-    f32m = moving.dtype == _dt.float32
+    f32s = stationary.dtype in (_dt.float32, _dt.tfloat32)
+    f32m = moving.dtype in (_dt.float32, _dt.tfloat32)
     if f32s != f32m:
         _fail("matmul.fp32_pair", I, "moving" if f32s else "stationary", "fp32/tf32 operands must be paired (both "
              f"fp32/tf32): stationary {_dt.name(stationary.dtype)}, moving {_dt.name(moving.dtype)}")

@@ -174,6 +174,8 @@ def from_numpy(arr, buffer="hbm", name=""):
     """Wrap a numpy array (shares memory when it is contiguous and of an NKI dtype)."""
     arr = np.asarray(arr)
     dtype = _dt.normalize(arr.dtype, where=f"kernel argument {name}")
+    if arr.dtype != dtype:               # a non-native byte order: the values in native order
+        arr = arr.astype(dtype)
     flat = np.ascontiguousarray(arr).reshape(-1)
     st = Storage(flat, buffer, name, flat.size)
     return NkiTensor(st, flat, tuple(arr.shape), _contiguous_strides(arr.shape), 0, dtype)
