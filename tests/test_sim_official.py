@@ -488,3 +488,97 @@ def test_dma_compute_sums_sources():
     with trace.record() as tr:
         run(k, X)
     assert "dma_compute" in tr.counts_by_op()
+
+
+def test_tensor_view_methods_of_the_nkitensor_page():
+    """nl.NkiTensor page: rearrange (einops-style split/reorder/merge), get_pattern ([[stride, count], ...]),
+    is_contiguous skipping the partition dim of on-chip tensors, reinterpret_cast = view, vector_select rows."""
+    seen = {}
+
+    def k(a):
+        t = load(a)                                           # [128, 64]
+        r = t.rearrange(("p", ("h", "w")), ("p", "w", "h"), {"h": 4})
+        seen["shape"], seen["pattern"] = r.shape, r.get_pattern()
+        seen["contig"] = (t.is_contiguous(), t[:, 0:32].is_contiguous(), r.is_contiguous())
+        seen["cast"] = t.reinterpret_cast(nl.int32).dtype == nl.int32
+        o = sb((128, 16, 4))
+        nisa.tensor_copy(dst=o, src=r)
+        return store(o)
+    out = run(k, X)
+    assert seen["shape"] == (128, 16, 4) and seen["pattern"] == [[64, 128], [1, 16], [16, 4]]
+    assert seen["contig"] == (True, True, False) and seen["cast"]
+    np.testing.assert_array_equal(out, X.reshape(128, 4, 16).transpose(0, 2, 1))
+
+    rows = np.array([[5], [0], [7]], np.uint32)
+
+    def k_rows(table, idx):
+        ix = nl.ndarray((3, 1), dtype=nl.uint32, buffer=nl.sbuf)
+        nisa.dma_copy(dst=ix, src=idx)
+        d = sb((3, 64))
+        nisa.dma_copy(dst=d, src=table.vector_select(0, ix))
+        return store(d)
+    np.testing.assert_array_equal(run(k_rows, X[0:8], rows), X[rows[:, 0]])
+
+
+def test_dma_transpose_permutations_of_the_page():
+    """nisa.dma_transpose: 3-d permutation (2, 1, 0) and 4-d (3, 1, 2, 0); dst in SBUF, same dtype."""
+    a3 = rand((4, 3, 8), F32, seed=5)
+    a4 = rand((2, 3, 4, 8), F32, seed=6)
+
+    def k3(a):
+        o = nl.ndarray((8, 3, 4), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.dma_transpose(dst=o, src=a)
+        return store(o)
+
+    def k4(a):
+        o = nl.ndarray((8, 3, 4, 2), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.dma_transpose(dst=o, src=a, axes=(3, 1, 2, 0))
+        return store(o)
+    np.testing.assert_array_equal(run(k3, a3), a3.transpose(2, 1, 0))
+    np.testing.assert_array_equal(run(k4, a4), a4.transpose(3, 1, 2, 0))
+    with pytest.raises(ConstraintError, match="dma_transpose.axes"):
+        run(lambda a: (nisa.dma_transpose(dst=nl.ndarray((8, 3, 4), dtype=nl.float32, buffer=nl.sbuf), src=a,
+                                          axes=(1, 2, 0)), hbm_out((1, 1), nl.float32))[1], a3)
+
+
+def test_loops_registers_and_buffers_helpers():
+    """nl.while_loop(init, body_fun) runs while the register is non-zero; dynamic_range takes register bounds;
+    a register never written is refused; nl.is_hbm/is_sbuf/is_psum/is_on_chip classify memory regions."""
+    count = []
+
+    def k(a):
+        r = nisa.register_alloc(3)
+
+        def body(reg):
+            count.append(int(reg))
+            nisa.register_move(reg, int(reg) - 1)
+            return reg
+        nl.while_loop(r, body)
+        n = sum(1 for _ in nl.dynamic_range(nisa.register_alloc(4)))
+        count.append(n)
+        assert nl.is_hbm(a.buffer) and nl.is_hbm(nl.shared_hbm) and not nl.is_on_chip(nl.hbm)
+        assert nl.is_sbuf(nl.sbuf) and nl.is_psum(nl.psum) and nl.is_on_chip(nl.psum)
+        return store(load(a))
+    run(k, X)
+    assert count == [3, 2, 1, 4]
+    with pytest.raises(ConstraintError, match="register.uninitialised"):
+        run(lambda a: (nl.fori_loop(0, nisa.register_alloc(), lambda i: None), store(load(a)))[1], X)
+
+
+def test_shared_constant_and_random_seed():
+    """nl.shared_constant(constant): a shared_hbm tensor of the array's values; nl.random_seed(seed) makes nl.rand
+    reproducible ("Using the same seed will generate the same sequence")."""
+    const = np.arange(128 * 4, dtype=np.float32).reshape(128, 4)
+
+    def k(a):
+        c = nl.shared_constant(const)
+        seed = nl.full((1, 1), 42, dtype=nl.int32, buffer=nl.sbuf)
+        nl.random_seed(seed)
+        r1 = nl.rand((128, 4), dtype=nl.float32)
+        nl.random_seed(seed)
+        r2 = nl.rand((128, 4), dtype=nl.float32)
+        return c, store(r1), store(r2)
+    c, r1, r2 = run(k, X)
+    np.testing.assert_array_equal(c, const)
+    np.testing.assert_array_equal(r1, r2)
+    assert ((0 <= r1) & (r1 < 1)).all()
