@@ -287,3 +287,44 @@ def test_public_style_kernel_via_install_as_nki_can_be_estimated(tmp_path):
     assert int(n) == 12
     assert float(scalar_busy) == pytest.approx(4 * 256 / SCALAR_GHZ / 1e3, rel=1e-6)
     assert float(total) > float(scalar_busy) and bound in ("dma", "latency", "scalar")
+
+
+# ------------------------------------------------------------------------ VectorE formulas by ALU op (trace .alu)
+def _alu_kernel(kind, op0, op1=None):
+    from kernels.sim import nisa, nki, nl
+
+    @nki.jit
+    def k(a):
+        out = nl.ndarray((128, 1), dtype=nl.float32, buffer=nl.shared_hbm)
+        x = nl.ndarray(a.shape, dtype=a.dtype, buffer=nl.sbuf)
+        y = nl.ndarray(a.shape, dtype=a.dtype, buffer=nl.sbuf)
+        r = nl.ndarray((128, 1), dtype=a.dtype, buffer=nl.sbuf)
+        rf = nl.ndarray((128, 1), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.dma_copy(dst=x, src=a)
+        if kind == "tensor_tensor":
+            nisa.tensor_tensor(dst=y, data1=x, data2=x, op=op0)
+        elif kind == "tensor_reduce":
+            nisa.tensor_reduce(dst=r, op=op0, data=x, axis=1)
+        else:
+            nisa.scalar_tensor_tensor(dst=y, data=x, op0=op0, operand0=0.5, op1=op1, operand1=x)
+        nisa.tensor_copy(dst=rf, src=r)
+        nisa.dma_copy(dst=out, src=rf)
+        return out
+    return k
+
+
+@pytest.mark.parametrize("kind, ops, cycles", [
+    ("tensor_tensor", ("multiply",), 2048), ("tensor_tensor", ("maximum",), 2 * 2048),
+    ("tensor_reduce", ("add",), 2048 // 2), ("tensor_reduce", ("minimum",), 2048),
+    ("scalar_tensor_tensor", ("subtract", "multiply"), 2048), ("scalar_tensor_tensor", ("multiply", "add"), 2 * 2048),
+])
+def test_vector_fast_paths_follow_the_recorded_alu_op(kind, ops, cycles):
+    """[ISA] bf16 SBUF: tensor_tensor N for add/multiply/subtract else 2N; tensor_reduce N/2 for add/max else N;
+    scalar_tensor_tensor N for subtract->multiply else 2N (nki-spec 3.2)."""
+    from kernels.sim import nl
+    a = np.ones((128, 2048), BF16)
+    _, tr, r = _estimate(_alu_kernel(kind, *(getattr(nl, o) for o in ops)), a)
+    (i,) = [k for k, ins in enumerate(tr.instructions) if ins.op == kind]
+    assert tr.instructions[i].alu == ops
+    assert (r.end_us[i] - r.start_us[i]) * 1e3 == pytest.approx(cycles / VECTOR_GHZ)
+    assert not any(kind in k for k in r.assumptions)          # the op is known: nothing assumed

@@ -52,7 +52,8 @@ Instructions are placed one at a time in trace (program) order (list scheduling)
   SBUF cannot overlap one of the other); VectorE and ScalarE cannot access PSUM in parallel. A port is a busy
   interval list; an instruction takes the earliest gap that fits at or after its other constraints.
 * Durations: the per-instruction cycle formulas of the nki.isa docs (``_CYCLES`` below), at the engine clock.
-  N = elements per partition (free size) of the instruction's main input. DMA packet: setup + bytes / rate,
+  N = elements per partition (free size) of the instruction's main input. The VectorE fast paths depend on the
+  ALU op, which the trace records (``Instruction.alu``). DMA packet: setup + bytes / rate,
   rate = min(27.2 GB/s, HBM share) where the HBM share is HBM_BW / (number of DMA queues busy when the packet
   starts x HBM endpoints of the transfer); the transfer also waits the fixed issue latency before moving bytes.
 * bound: the queue with the highest busy fraction (DMA: mean queue occupancy, or HBM utilisation if higher)
@@ -202,9 +203,23 @@ def _tensor_tensor_cycles(ins, engine):
         return C.GPSIMD_START + 2 * n
     if any(o.buffer == "psum" for o in ins_ops):
         return max(C.MIN_II, n)
-    if all(o.dtype == "bfloat16" and o.buffer == "sbuf" and _dense(o) for o in ins.operands):
-        return max(C.MIN_II, n)      # assumes op in (add, multiply, subtract): the trace does not record op
+    if (all(o.dtype == "bfloat16" and o.buffer == "sbuf" and _dense(o) for o in ins.operands)
+            and _alu_in(ins, _TT_FAST_OPS)):
+        return max(C.MIN_II, n)      # [ISA] bf16 SBUF add/multiply/subtract, contiguous free dim: 1 elem/cycle
     return max(C.MIN_II, 2 * n)
+
+
+# VectorE fast paths by ALU op ([ISA] formulas, nki-spec 3.2): bf16 tensor_tensor add/multiply/subtract at N;
+# bf16 tensor_reduce add/max at N/2; bf16 scalar_tensor_tensor subtract->multiply at N. Traces without the op
+# (Instruction.alu None: an older trace) take the fast path and say so in CostReport.assumptions.
+_TT_FAST_OPS = frozenset(("add", "multiply", "subtract"))
+_REDUCE_FAST_OPS = frozenset(("add", "maximum"))
+_STT_FAST_OPS = ("subtract", "multiply")
+
+
+def _alu_in(ins, ops):
+    alu = getattr(ins, "alu", None)
+    return alu is None or alu[0] in ops
 
 
 def _cycles(ins, engine):
@@ -241,17 +256,20 @@ def _cycles(ins, engine):
         return max(C.MIN_II, n), None
     if op == "tensor_tensor":
         note = None
-        if all(o.dtype == "bfloat16" and o.buffer == "sbuf" for o in ins.operands):
+        if ins.alu is None and all(o.dtype == "bfloat16" and o.buffer == "sbuf" for o in ins.operands):
             note = "bf16 SBUF tensor_tensor assumed add/multiply/subtract (op not in the trace)"
         return _tensor_tensor_cycles(ins, engine), note
     if op == "tensor_reduce":
         d = next(o for o in ins.operands if o.role == "dst")
-        if m.dtype == "bfloat16" and d.dtype == "bfloat16":
-            return max(C.MIN_II, n // 2), "bf16 tensor_reduce assumed add or max (N/2; op not in the trace)"
+        if m.dtype == "bfloat16" and d.dtype == "bfloat16" and _alu_in(ins, _REDUCE_FAST_OPS):
+            return max(C.MIN_II, n // 2), (None if ins.alu else
+                                           "bf16 tensor_reduce assumed add or max (N/2; op not in the trace)")
         return max(C.MIN_II, n), None
     if op == "scalar_tensor_tensor":
-        if all(o.dtype == "bfloat16" for o in ins.operands if o.access == "r") and n % 2 == 0:
-            return max(C.MIN_II, n), "bf16 scalar_tensor_tensor assumed subtract->multiply (N; ops not in trace)"
+        if (all(o.dtype == "bfloat16" for o in ins.operands if o.access == "r") and n % 2 == 0
+                and (ins.alu is None or tuple(ins.alu) == _STT_FAST_OPS)):
+            return max(C.MIN_II, n), (None if ins.alu else
+                                      "bf16 scalar_tensor_tensor assumed subtract->multiply (N; ops not in trace)")
         return max(C.MIN_II, 2 * n), None
     if op == "tensor_scalar_reduce":
         return max(C.MIN_II, n) + C.MIN_II, None

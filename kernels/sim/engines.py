@@ -156,10 +156,10 @@ def rec(role, t, op=None):
 _new_tuple = tuple.__new__
 
 
-def emit(engine, op, operands, name=None):
+def emit(engine, op, operands, name=None, alu=None):
     """Record an instruction; operands = [(role, tensor), ...] (None tensors skipped). Each Operand gets its
     space, byte span (``span_of``) and access ("r"/"w"/"rw", kernels.sim.trace.access_of). HBM bytes: writes
-    for the written roles, reads for the others."""
+    for the written roles, reads for the others. ``alu``: the instruction's ALU op names (Instruction.alu)."""
     if not _active:
         return
     r = w = 0
@@ -180,7 +180,7 @@ def emit(engine, op, operands, name=None):
                 r += nb
             else:
                 w += nb
-    ins = Instruction(engine, op, recs, r, w, name)
+    ins = Instruction(engine, op, recs, r, w, name, alu)
     for tr in _active:
         tr.instructions.append(ins)
 

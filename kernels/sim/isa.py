@@ -587,7 +587,7 @@ def tensor_tensor(dst, data1, data2, op, engine=engine.unknown, name=None):
             b = b.reshape(a.shape)
         with _np.errstate(all="ignore"):
             _store(dst, opd.fn(a, b))
-    _emit(eng, I, (("dst", dst), ("data1", data1), ("data2", data2)), name)
+    _emit(eng, I, (("dst", dst), ("data1", data1), ("data2", data2)), name, (opd.name,))
 
 
 def _scalar_op(opd, x, operand, reverse):
@@ -652,7 +652,8 @@ def tensor_scalar(dst, data, op0, operand0, reverse0=False, op1=None, operand1=N
         _store(dst, y)
     _emit(eng, I, (("dst", dst), ("data", data),
                   ("operand0", operand0 if isinstance(operand0, _NkiTensor) else None),
-                  ("operand1", operand1 if isinstance(operand1, _NkiTensor) else None)), name)
+                  ("operand1", operand1 if isinstance(operand1, _NkiTensor) else None)), name,
+          (o0.name,) if o1 is None else (o0.name, o1.name))
 
 
 def scalar_tensor_tensor(dst, data, op0, operand0, op1, operand1, reverse0=False, reverse1=False, name=None):
@@ -673,7 +674,8 @@ def scalar_tensor_tensor(dst, data, op0, operand0, op1, operand1, reverse0=False
         y = o1.fn(t, y) if reverse1 else o1.fn(y, t)
     _store(dst, y)
     _emit("vector", I, (("dst", dst), ("data", data), ("operand0", operand0 if isinstance(operand0, _NkiTensor)
-                                                                     else None), ("operand1", operand1)), name)
+                                                                     else None), ("operand1", operand1)), name,
+          (o0.name, o1.name))
 
 
 def _reduce_axes(I, data, axis):
@@ -720,7 +722,7 @@ def tensor_reduce(dst, op, data, axis, negate=False, keepdims=False, name=None):
         if negate:
             y = -y
         _store(dst, y)
-    _emit("vector", I, (("dst", dst), ("data", data)), name)
+    _emit("vector", I, (("dst", dst), ("data", data)), name, (opd.name,))
 
 
 def tensor_scalar_reduce(dst, data, op0, operand0, reduce_op, reduce_res=None, reverse0=False,

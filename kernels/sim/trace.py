@@ -14,7 +14,10 @@ Use::
 Each :class:`Instruction` has ``engine`` ("tensor"|"vector"|"scalar"|"gpsimd"|"dma"|"sync"), ``op`` (the nisa
 name, e.g. "nc_matmul"), ``operands`` (list of :class:`Operand` ``(role, shape, dtype, buffer, nbytes)``; dtype is
 the NKI dtype name, buffer one of "sbuf"|"psum"|"hbm"|"private_hbm"|"shared_hbm"|"const", nbytes = bytes
-the operand view covers), ``bytes_hbm_read``, ``bytes_hbm_written`` and ``name`` (the ``name=`` argument).
+the operand view covers), ``bytes_hbm_read``, ``bytes_hbm_written``, ``name`` (the ``name=`` argument) and
+``alu`` (the ALU op names of tensor_tensor, tensor_scalar, scalar_tensor_tensor and tensor_reduce, e.g.
+``("multiply",)`` or ``("subtract", "multiply")`` in application order; None for other instructions): the
+cost model's VectorE formulas depend on them.
 Records hold shapes only, never tensors, so tracing keeps no memory alive.
 
 Byte ranges (input of the cost model's dependencies, ``kernels.sim.cost``). Each Operand also carries
@@ -69,15 +72,16 @@ def access_of(op, role):
 
 
 class Instruction:
-    __slots__ = ("engine", "op", "operands", "bytes_hbm_read", "bytes_hbm_written", "name")
+    __slots__ = ("engine", "op", "operands", "bytes_hbm_read", "bytes_hbm_written", "name", "alu")
 
-    def __init__(self, engine, op, operands, bytes_hbm_read=0, bytes_hbm_written=0, name=None):
+    def __init__(self, engine, op, operands, bytes_hbm_read=0, bytes_hbm_written=0, name=None, alu=None):
         self.engine = engine
         self.op = op
         self.operands = operands
         self.bytes_hbm_read = bytes_hbm_read
         self.bytes_hbm_written = bytes_hbm_written
         self.name = name
+        self.alu = alu
 
     def operand(self, role):
         for o in self.operands:
