@@ -26,7 +26,8 @@ import os
 import sys
 import time
 
-from bench_kernels.kernel_report import CSV_COLUMNS, KERNELS, MODELS, SEQ, TP, format_table, measure_one, select
+from bench_kernels.kernel_report import (CSV_COLUMNS, KERNELS, MODELS, SEQ, TP, format_table, measure_one, select,
+                                         target_pct)
 
 PROG = "python -m bench_kernels"
 DEFAULT_OUT = os.path.join("out", "bench_kernels")
@@ -145,6 +146,11 @@ def _report(args, rows, window):
     print("est = estimated time; floor = roofline max(useful FLOPs / 91.75 TFLOPS, minimum bytes / 410 GB/s); "
           "% roof = floor / est; busy % of est; HBM/min = bytes moved / (inputs read once + outputs written once)"
           + ("; measured = device wall per call incl. launch overhead (bench_kernels.device)" if args.measure else ""))
+    missed = [r for r in rows if r.pct_roofline < target_pct(r.kernel, r.direction)]
+    print("targets (% of roofline: attention fwd 70, bwd 50, others 75): " +
+          ("met by every row" if not missed else f"missed by {len(missed)} of {len(rows)}: " +
+           ", ".join(f"{r.kernel} {r.direction} {r.model} ({r.pct_roofline:.0f} < "
+                     f"{target_pct(r.kernel, r.direction):.0f})" for r in missed)))
     bad = [r for r in rows if r.impossible]
     if bad:
         print("IMPOSSIBLE (estimate below the roofline floor: a bug in the cost model or the minimum counts): "

@@ -13,6 +13,8 @@ import json
 import os
 import tempfile
 
+from bench_kernels.kernel_report import target_pct
+
 MODEL_NOTE = "kernels.sim.cost estimate (documented formulas, not a device measurement)"
 # Queue order of the timeline rows: compute engines first, then the 16 DMA queues.
 _COMPUTE = ("tensor", "vector", "scalar", "gpsimd", "sync")
@@ -74,13 +76,16 @@ def roofline_chart(path, rows):
     ax.barh(y, pct, color=[colours.get(r.model, "#888888") for r in rows])
     for yi, r in zip(y, rows):
         ax.text(min(r.pct_roofline, 100) + 1, yi, f"{r.pct_roofline:.0f}% ({r.bound})", va="center", fontsize=8)
+    ax.scatter([target_pct(r.kernel, r.direction) for r in rows], y, marker="|", s=160, color="black", zorder=3,
+               label="target")
     ax.set_yticks(y, labels, fontsize=8)
     ax.set_xlim(0, 125)
     ax.axvline(100, color="black", lw=0.8)
     ax.set_xlabel("percent of roofline = roofline floor / estimated time (%)")
     ax.set_title(f"NKI kernels on trn1, per-rank Llama 2 shapes (TP=8)\n{MODEL_NOTE}", fontsize=9)
     handles = [plt.Rectangle((0, 0), 1, 1, color=colours[m]) for m in models]
-    ax.legend(handles, [f"Llama 2 {m}" for m in models], fontsize=8, loc="lower right")
+    handles.append(plt.Line2D([], [], marker="|", ls="", ms=12, color="black"))
+    ax.legend(handles, [f"Llama 2 {m}" for m in models] + ["issue-11 target"], fontsize=8, loc="lower right")
     fig.tight_layout()
     with atomic_path(path, ".png") as tmp:
         fig.savefig(tmp, dpi=110, format="png")

@@ -62,6 +62,7 @@ def test_report_cli_small_shape_writes_csv_and_chart(tmp_path, capsys):
         assert r["bound"] in ("tensor", "vector", "scalar", "gpsimd", "dma", "latency")
         assert float(r["hbm_ratio"]) >= 1.0
         assert r["measured_us"] == ""
+        assert float(r["target_pct"]) == 75.0                # issue 11: elementwise kernels, 75% of HBM roofline
     import matplotlib.pyplot as plt
     img = plt.imread(tmp_path / "roofline.png")
     assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
