@@ -80,15 +80,22 @@ def _parser():
 
 
 def _check_backend(measure):
-    """The estimate needs the interpreter in this process; --measure needs a device (checked without importing
-    the kernels under the real nki)."""
-    if "kernels.nki_compat" in sys.modules:
-        backend = sys.modules["kernels.nki_compat"].BACKEND
-        if backend != "sim":
-            raise UsageError(f"kernels are imported with the real nki (BACKEND={backend!r}); the estimate runs them on "
-                             "the interpreter: run with LLAMA_KERNELS_NKI=sim (--measure times the device in a child)")
-    else:
-        os.environ.setdefault("LLAMA_KERNELS_NKI", "sim")
+    """The estimate runs the kernels on the interpreter in this process (kernels.nki_compat imported with
+    LLAMA_KERNELS_NKI=sim, the environment restored after); --measure needs a device and times it in a child."""
+    if "kernels.nki_compat" not in sys.modules:
+        old = os.environ.get("LLAMA_KERNELS_NKI")
+        os.environ["LLAMA_KERNELS_NKI"] = "sim"
+        try:
+            import kernels.nki_compat  # noqa: F401
+        finally:
+            if old is None:
+                del os.environ["LLAMA_KERNELS_NKI"]
+            else:
+                os.environ["LLAMA_KERNELS_NKI"] = old
+    backend = sys.modules["kernels.nki_compat"].BACKEND
+    if backend != "sim":
+        raise UsageError(f"kernels are imported with the real nki (BACKEND={backend!r}); the estimate runs them on "
+                         "the interpreter: run with LLAMA_KERNELS_NKI=sim (--measure times the device in a child)")
     if measure:
         from bench_kernels import device
         ok, why = device.available()

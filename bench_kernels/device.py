@@ -80,7 +80,8 @@ def _child(kernel, direction, model, seq, warmup, iters):
     import torch_xla.core.xla_model as xm
     from bench_kernels.kernel_report import launcher_inputs
 
-    dev = xm.xla_device()
+    import torch_xla
+    dev = torch_xla.device() if hasattr(torch_xla, "device") else xm.xla_device()
     fn, args, _ = launcher_inputs(kernel, direction, model, seq)
     args = tuple(a.to(dev) if isinstance(a, torch.Tensor) else a for a in args)
     _sync(xm)

@@ -33,9 +33,11 @@ def _one_line_error(capsys, rc, *needles):
 
 
 def test_report_cli_small_shape_writes_csv_and_chart(tmp_path, capsys):
+    env_before = os.environ.get("LLAMA_KERNELS_NKI")
     rc = report_cli.main(["--kernel", "rmsnorm,swiglu", "--shape", "7b", "--seq", "128", "--out", str(tmp_path),
                           "--no-progress"])
     assert rc == 0
+    assert os.environ.get("LLAMA_KERNELS_NKI") == env_before          # the backend choice does not leak
     out = capsys.readouterr().out
     assert "est us" in out and "% roof" in out and "bound" in out
     cols, rows = _rows(tmp_path / "kernels.csv")
