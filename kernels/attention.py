@@ -13,9 +13,11 @@ Math (FlashAttention-2, spec 5.2/5.3), s = q.k (raw scores, fp32 in PSUM), c = s
             l = l * alpha + rowsum(p) (fp32, rowsum taken before the rounding), alpha = exp(c*m_old - c*m),
             acc = acc * alpha + P @ V (fp32 SBUF, PSUM-accumulated per block),
             o = acc / l (one rounding to q.dtype), lse = c*m + log(l) (fp32).
-  backward  per 128-query tile and 512-key block: p = exp(c*s - lse) recomputed (fp32, rounded to the input
-            dtype for the matmuls), dp = do @ v^T (fp32 PSUM), Dlt = rowsum(do * o) (fp32),
-            ds = p * (dp - Dlt) (fp32, rounded to the input dtype for the matmuls),
+  backward  per 128-query tile and 256-key block: p = exp(c*s - lse) recomputed (fp32, rounded to the input
+            dtype for the matmuls), Dlt = rowsum(do * o) (fp32), dp - Dlt = do @ v^T + (-Dlt) summed in fp32
+            PSUM, -Dlt entering as a rank-1 (fp32) or rank-2 (bf16: hi = bf16(-Dlt), lo = bf16(-Dlt - hi))
+            matmul update against ones, ds = p * (dp - Dlt) (fp32 on VectorE, rounded to the input dtype for
+            the matmuls),
             dv = sum p^T @ do,  dk = c * sum ds^T @ q,  dq = c * sum ds @ k, all sums fp32 (PSUM, then fp32
             SBUF across blocks); dk/dv also summed over the query heads of the kv head's group inside the
             kernel. Each gradient is rounded once to its input dtype.
@@ -24,7 +26,9 @@ only the diagonal 128 x 128 sub-block is masked, by *selecting* -1e30 in place o
 diagonal (exp then gives exactly 0; the diagonal element is always kept, so every row max is finite). A select,
 not an add: a masked key whose score is Inf or NaN (an Inf/NaN or overflowing key) must not reach the row max
 or the row sum of an earlier query, and Inf + (-1e30) is still Inf. GpSimd cannot touch PSUM (spec 2.6), so the
-diagonal sub-block goes PSUM -> SBUF (Vector copy), affine_select in SBUF, SBUF -> PSUM (Vector copy). A masked
+forward's diagonal sub-block goes PSUM -> SBUF (Vector copy), affine_select in SBUF, SBUF -> PSUM (Vector copy);
+the backward (no row max: lse is given) selects an exact 0 into p = exp(...) of the masked keys in SBUF, so a
+non-finite masked score never reaches p, ds or any gradient. A masked
 key's value row still enters P @ V with an exact 0 weight: a non-finite V there gives 0 * Inf = NaN, as in every
 matmul-based attention (the reference backend alike).
 
@@ -37,7 +41,8 @@ Layout (contraction on the partition dim, nc_matmul: dst = stationary.T @ moving
   dq     [q, D] += (ds^T [k, q]).T @ k [k, D]           ds^T by TensorE transposes
 TensorE transposes write PSUM in the data's own dtype ("The output dst tile must have the same data type
 as that of data", https://awsdocs-neuron.readthedocs-hosted.com/general/nki/api/generated/nki.isa.nc_transpose.html)
-and are evicted to SBUF by a Vector copy.
+and are evicted to SBUF by a copy (forward: Vector; backward: ScalarE activation copy, bit-exact for equal
+dtypes, which keeps VectorE for ds and the dK/dV sums).
 
 HBM traffic: per (batch, kv head) K and V are read once and stay in SBUF for all the group's query heads;
 q, o, do, lse are read once and o, lse, dq, dk, dv written once: the minimum-bytes schedule. The price is
@@ -58,7 +63,8 @@ MAX_SEQ = {"bfloat16": 8192, "float32": 4096}
 _P = 128                 # partitions (nl.tile_size.pmax)
 _MM_N = 512              # moving free size / fp32 elements of one PSUM bank (gemm_moving_fmax, psum_fmax)
 _FWD_BLOCK = 2048        # keys per online-softmax step in the forward (scores span 4 PSUM banks)
-_BWD_BLOCK = 512         # keys per backward block (one PSUM bank of scores)
+_BWD_BLOCK = 256         # keys per backward unit (two unit buffers of scores in one PSUM bank)
+_BWD_CHUNK_TILES = 8     # 128-row query tiles per backward chunk (dK/dV PSUM sums span 1024 queries)
 _CHUNK_TILES = 4         # 128-row tiles per DMA / per transpose group (512 rows)
 _MASKED = -1.0e30        # selected for masked fp32 scores: exp(c * -1e30 - ...) == 0, no -inf arithmetic
 
@@ -293,32 +299,70 @@ def flash_fwd(q, k, v, causal=True, softmax_scale=1.0):
 
 # --------------------------------------------------------------------------- backward
 
+def _tile_groups(n_rows):
+    """[(rows, t0, t1)]: the whole 128-row tiles of n_rows as one group (tiles t0..t1, 128 rows each) and a
+    partial tail tile as another (instructions over several tiles must not read a tail tile's unset rows)."""
+    full, tail = divmod(n_rows, _P)
+    return ([(_P, 0, full)] if full else []) + ([(tail, full, full + 1)] if tail else [])
+
+
+def _bwd_chunk_prep(cb, dt, nrk, n_rows, tl_ps):
+    """Per query chunk: neg_lse = -lse (the exp bias) and the stationary rows of the -Dlt rank update,
+    Dlt = rowsum(do * o) in fp32. bf16: -Dlt = hi + lo (hi = bf16(-Dlt), lo = bf16(-Dlt - hi)), so the fp32
+    PSUM sum dp + hi + lo carries -Dlt to ~2^-16 relative; fp32: the one row -Dlt. dl_rows[r, i*128 + p] is
+    row r of query p of tile i (TensorE transposes of the [rows, nrk] columns)."""
+    for rows, t0, t1 in _tile_groups(n_rows):
+        nisa.tensor_tensor(dst=cb["prod"][0:rows, t0:t1, :], data1=cb["do_rows"][0:rows, t0:t1, :],
+                           data2=cb["o_rows"][0:rows, t0:t1, :], op=nl.multiply)
+        nisa.tensor_reduce(dst=cb["negd"][0:rows, t0:t1], op=nl.add, data=cb["prod"][0:rows, t0:t1, :], axis=2,
+                           negate=True)
+        nisa.tensor_scalar(dst=cb["neg_lse"][0:rows, t0:t1], data=cb["lse"][0:rows, t0:t1], op0=nl.multiply,
+                           operand0=-1.0)
+        hl = cb["hl"]
+        nisa.tensor_copy(dst=hl[0:rows, t0:t1, 0], src=cb["negd"][0:rows, t0:t1])
+        if nrk == 2:
+            nisa.tensor_tensor(dst=hl[0:rows, t0:t1, 1], data1=cb["negd"][0:rows, t0:t1],
+                               data2=hl[0:rows, t0:t1, 0], op=nl.subtract)
+    for g0 in range(0, n_rows, _CHUNK_TILES * _P):
+        g_rows = min(_CHUNK_TILES * _P, n_rows - g0)
+        for r0, rows in _tiles(g_rows):
+            t = (g0 + r0) // _P
+            nisa.nc_transpose(dst=tl_ps[0:nrk, r0:r0 + rows], data=cb["hl"][0:rows, t, 0:nrk])
+        nisa.tensor_copy(dst=cb["dl_rows"][0:nrk, g0:g0 + g_rows], src=tl_ps[0:nrk, 0:g_rows])
+
+
 @nki.jit
 def flash_bwd(q, k, v, o, do, lse, causal=True, softmax_scale=1.0):
     """Gradients of flash_fwd: (dq [B,Hq,S,D] q.dtype, dk, dv [B,Hkv,S,D] k.dtype); lse is flash_fwd's fp32 lse.
 
     Loops: batch -> kv head (K rows, K^T, V^T loaded once; fp32 dK/dV accumulators in SBUF) -> its query heads
-    -> 512-row query chunks (q, o, do, lse in by one DMA each; dq out by one) -> 512-key blocks (causal: up to
-    the chunk's last key) -> the chunk's 128-row query tiles. dK/dV of a block accumulate in PSUM over the
-    chunk's query tiles and are added to the SBUF accumulators once per (chunk, block); dq of the chunk's four
-    tiles accumulates in one PSUM bank over all blocks.
-    SBUF per partition (S = 4096, D = 128, bf16): k rows, k^T, v^T 24 KiB + fp32 dK, dV 32 KiB + chunk tiles
-    ~12 KiB; the interpreter measures 68 KiB (bf16) / 100 KiB (fp32). PSUM: scores, dP, dV, dK, dQ 5 banks +
-    2 transpose banks = 7 of 8.
+    -> 1024-row query chunks (q, o, do, lse in by one DMA each per 512 rows, chunk buffers double-buffered;
+    dq out) -> units of (256-key block, 128-row query tile) (causal: up to the tile's last key). The units run
+    as a three-stage software pipeline in program order (A: scores, dP, exp, dS; B: dV/dK matmuls and the dS
+    transposes; C: dQ matmuls, two units behind A), with every PSUM/SBUF tile between the stages
+    double-buffered, so that each engine's in-order queue has independent work while it waits for the others.
+    dK/dV of a block accumulate in PSUM (double-buffered by block parity) over the chunk's query tiles and are
+    added to the SBUF accumulators once per (chunk, block); dq of the chunk's eight tiles accumulates in PSUM.
+    SBUF per partition (S = 4096, D = 128, bf16): k rows, k^T, v^T 24 KiB + fp32 dK, dV 32 KiB + two sets of
+    chunk tiles ~30 KiB (the interpreter measures the peak). PSUM: scores, dP (2 buffers each in one bank),
+    dV, dK (2 block buffers each in one bank), dQ 2 banks, dS^T 1 bank, load transposes 1 bank = 8 of 8.
     """
-    B, Hq, Hkv, G, S, D, T, CH = _dims(q, k)
+    B, Hq, Hkv, G, S, D, T, _ = _dims(q, k)
     dt, f32, c = q.dtype, nl.float32, float(softmax_scale)
+    nrk = 1 if dt == f32 else 2                     # rows of the -Dlt rank update (bf16: hi + lo)
+    CT = _BWD_CHUNK_TILES
+    CH, BLK, NSUB = CT * _P, _BWD_BLOCK, _BWD_BLOCK // _P
     dq = nl.ndarray((B, Hq, S, D), dtype=dt, buffer=nl.shared_hbm)
     dk = nl.ndarray((B, Hkv, S, D), dtype=dt, buffer=nl.shared_hbm)
     dv = nl.ndarray((B, Hkv, S, D), dtype=dt, buffer=nl.shared_hbm)
 
-    diag = nl.ndarray((_P, _P), dtype=f32, buffer=nl.sbuf) if causal else None   # _mask_diagonal's tile
-    s_ps = nl.ndarray((_P, _BWD_BLOCK), dtype=f32, buffer=nl.psum)
-    dp_ps = nl.ndarray((_P, _BWD_BLOCK), dtype=f32, buffer=nl.psum)
-    dv_ps = nl.ndarray((_P, _CHUNK_TILES, D), dtype=f32, buffer=nl.psum)
-    dk_ps = nl.ndarray((_P, _CHUNK_TILES, D), dtype=f32, buffer=nl.psum)
-    dq_ps = nl.ndarray((_P, _CHUNK_TILES, D), dtype=f32, buffer=nl.psum)
-    t_ps = [nl.ndarray((_P, _MM_N), dtype=dt, buffer=nl.psum) for _ in range(2)]
+    s_ps = nl.ndarray((_P, 2, BLK), dtype=f32, buffer=nl.psum)
+    dp_ps = nl.ndarray((_P, 2, BLK), dtype=f32, buffer=nl.psum)
+    dv_ps = nl.ndarray((_P, 2, NSUB, D), dtype=f32, buffer=nl.psum)
+    dk_ps = nl.ndarray((_P, 2, NSUB, D), dtype=f32, buffer=nl.psum)
+    dq_ps = nl.ndarray((_P, CT, D), dtype=f32, buffer=nl.psum)
+    t_ps = nl.ndarray((_P, 2, NSUB * _P), dtype=dt, buffer=nl.psum)
+    tl_ps = nl.ndarray((_P, _CHUNK_TILES * _P), dtype=dt, buffer=nl.psum)
 
     k_rows = nl.ndarray((_P, T, D), dtype=dt, buffer=nl.sbuf)
     k_t = nl.ndarray((D, S), dtype=dt, buffer=nl.sbuf)
@@ -326,123 +370,149 @@ def flash_bwd(q, k, v, o, do, lse, causal=True, softmax_scale=1.0):
     dk_acc = nl.ndarray((_P, T, D), dtype=f32, buffer=nl.sbuf)
     dv_acc = nl.ndarray((_P, T, D), dtype=f32, buffer=nl.sbuf)
     stage = nl.ndarray((_P, _CHUNK_TILES, D), dtype=dt, buffer=nl.sbuf)
-    q_rows = nl.ndarray((_P, _CHUNK_TILES, D), dtype=dt, buffer=nl.sbuf)
-    do_rows = nl.ndarray((_P, _CHUNK_TILES, D), dtype=dt, buffer=nl.sbuf)
-    q_t = nl.ndarray((D, CH), dtype=dt, buffer=nl.sbuf)
-    do_t = nl.ndarray((D, CH), dtype=dt, buffer=nl.sbuf)
-    prod = nl.ndarray((_P, _CHUNK_TILES, D), dtype=f32, buffer=nl.sbuf)
-    dlt = nl.ndarray((_P, _CHUNK_TILES), dtype=f32, buffer=nl.sbuf)
-    lse_sb = nl.ndarray((_P, _CHUNK_TILES), dtype=f32, buffer=nl.sbuf)
-    neg_lse = nl.ndarray((_P, _CHUNK_TILES), dtype=f32, buffer=nl.sbuf)
-    p_sb = nl.ndarray((_P, _BWD_BLOCK), dtype=dt, buffer=nl.sbuf)
-    ds_sb = nl.ndarray((_P, _BWD_BLOCK), dtype=dt, buffer=nl.sbuf)
-    ds_t = nl.ndarray((_P, _CHUNK_TILES * _P), dtype=dt, buffer=nl.sbuf)
+    ones = nl.ndarray((nrk, BLK), dtype=dt, buffer=nl.sbuf)
+    nisa.memset(dst=ones, value=1.0)
+    chunk_bufs = [dict(q_rows=nl.ndarray((_P, CT, D), dtype=dt, buffer=nl.sbuf),
+                       do_rows=nl.ndarray((_P, CT, D), dtype=dt, buffer=nl.sbuf),
+                       o_rows=nl.ndarray((_P, CT, D), dtype=dt, buffer=nl.sbuf),
+                       q_t=nl.ndarray((D, CH), dtype=dt, buffer=nl.sbuf),
+                       do_t=nl.ndarray((D, CH), dtype=dt, buffer=nl.sbuf),
+                       prod=nl.ndarray((_P, CT, D), dtype=f32, buffer=nl.sbuf),
+                       negd=nl.ndarray((_P, CT), dtype=f32, buffer=nl.sbuf),
+                       hl=nl.ndarray((_P, CT, nrk), dtype=dt, buffer=nl.sbuf),
+                       dl_rows=nl.ndarray((nrk, CH), dtype=dt, buffer=nl.sbuf),
+                       lse=nl.ndarray((_P, CT), dtype=f32, buffer=nl.sbuf),
+                       neg_lse=nl.ndarray((_P, CT), dtype=f32, buffer=nl.sbuf),
+                       dq_sb=nl.ndarray((_P, CT, D), dtype=dt, buffer=nl.sbuf)) for _ in range(2)]
+    p_sb = nl.ndarray((_P, 2, BLK), dtype=dt, buffer=nl.sbuf)
+    ds_sb = nl.ndarray((_P, 2, BLK), dtype=dt, buffer=nl.sbuf)
+    ds_t = nl.ndarray((_P, 2, NSUB * _P), dtype=dt, buffer=nl.sbuf)
     out_sb = nl.ndarray((_P, _CHUNK_TILES, D), dtype=dt, buffer=nl.sbuf)
-    n_transposes = 0
+    n_chunks = n_blocks = 0
 
     for b in range(B):
         for g in range(Hkv):
-            _load_transposed(k_t, k[b, g], S, stage, t_ps, rows_dst=k_rows)
-            _load_transposed(v_t, v[b, g], S, stage, t_ps)
+            _load_transposed(k_t, k[b, g], S, stage, [tl_ps, tl_ps], rows_dst=k_rows)
+            _load_transposed(v_t, v[b, g], S, stage, [tl_ps, tl_ps])
             nisa.memset(dst=dk_acc, value=0.0)
             nisa.memset(dst=dv_acc, value=0.0)
             for h in range(g * G, (g + 1) * G):
                 for r0 in range(0, S, CH):
                     n_rows = min(CH, S - r0)
                     tiles = _tiles(n_rows)
-                    _load_rows(q_rows, q[b, h], r0, n_rows)
-                    _transpose_rows(q_t, 0, q_rows, n_rows, t_ps[0])
-                    _load_rows(do_rows, do[b, h], r0, n_rows)
-                    _transpose_rows(do_t, 0, do_rows, n_rows, t_ps[1])
-                    _load_rows(stage, o[b, h], r0, n_rows)
-                    _load_cols(lse_sb, lse[b, h], r0, n_rows)
-                    nt = len(tiles)
-                    full = n_rows // _P
-                    # Dlt = rowsum(do * o) in fp32; neg_lse = -lse (the exp bias), for the chunk's tiles at once
-                    if full:
-                        nisa.tensor_tensor(dst=prod[:, 0:full, :], data1=do_rows[:, 0:full, :],
-                                           data2=stage[:, 0:full, :], op=nl.multiply)
-                        nisa.tensor_reduce(dst=dlt[:, 0:full], op=nl.add, data=prod[:, 0:full, :], axis=2)
-                        nisa.tensor_scalar(dst=neg_lse[:, 0:full], data=lse_sb[:, 0:full], op0=nl.multiply,
-                                           operand0=-1.0)
-                    if full < nt:
-                        tr = tiles[-1][1]
-                        nisa.tensor_tensor(dst=prod[0:tr, full, :], data1=do_rows[0:tr, full, :],
-                                           data2=stage[0:tr, full, :], op=nl.multiply)
-                        nisa.tensor_reduce(dst=dlt[0:tr, full:full + 1], op=nl.add, data=prod[0:tr, full, :],
-                                           axis=1)
-                        nisa.tensor_scalar(dst=neg_lse[0:tr, full:full + 1], data=lse_sb[0:tr, full:full + 1],
-                                           op0=nl.multiply, operand0=-1.0)
-
-                    kv_end_chunk = r0 + n_rows if causal else S
-                    dq_started = [False] * nt
-                    for j0 in range(0, kv_end_chunk, _BWD_BLOCK):
-                        kv_started = [False] * _CHUNK_TILES      # dK/dV PSUM sub-tiles of this block
+                    cb = chunk_bufs[n_chunks % 2]
+                    n_chunks += 1
+                    _load_rows(cb["q_rows"], q[b, h], r0, n_rows)
+                    _load_rows(cb["do_rows"], do[b, h], r0, n_rows)
+                    _load_rows(cb["o_rows"], o[b, h], r0, n_rows)
+                    _load_cols(cb["lse"], lse[b, h], r0, n_rows)
+                    for g0 in range(0, n_rows, _CHUNK_TILES * _P):
+                        g_rows, t0 = min(_CHUNK_TILES * _P, n_rows - g0), g0 // _P
+                        for name, rows_t in (("q_t", "q_rows"), ("do_t", "do_rows")):
+                            _transpose_rows(cb[name], g0, cb[rows_t][:, t0:t0 + _CHUNK_TILES, :], g_rows, tl_ps)
+                    _bwd_chunk_prep(cb, dt, nrk, n_rows, tl_ps)
+                    units = []                 # (block index, j0, w, tile i, i0, rows, q0, last unit of block)
+                    for j0 in range(0, r0 + n_rows if causal else S, BLK):
+                        blk = []
                         for i, (i0, rows) in enumerate(tiles):
-                            q0 = r0 + i0
-                            kv_end = q0 + rows if causal else S
-                            if j0 >= kv_end:
-                                continue                      # block entirely above the diagonal: skipped
-                            w = min(_BWD_BLOCK, kv_end - j0)
-                            nisa.nc_matmul(dst=s_ps[0:rows, 0:w], stationary=q_t[:, i0:i0 + rows],
-                                           moving=k_t[:, j0:j0 + w], accumulate=False, name="scores")
-                            if causal and j0 + w == kv_end:
-                                _mask_diagonal(s_ps, rows, q0 - j0, diag)
-                            # p = exp(c*s - lse), fp32 on ScalarE, rounded to dt
-                            nisa.activation(dst=p_sb[0:rows, 0:w], op=nl.exp, data=s_ps[0:rows, 0:w],
-                                            bias=neg_lse[0:rows, i:i + 1], scale=c)
-                            nisa.nc_matmul(dst=dp_ps[0:rows, 0:w], stationary=do_t[:, i0:i0 + rows],
-                                           moving=v_t[:, j0:j0 + w], accumulate=False)
-                            # ds = (dp - Dlt) * p (fp32), rounded to dt
-                            nisa.scalar_tensor_tensor(dst=ds_sb[0:rows, 0:w], data=dp_ps[0:rows, 0:w],
-                                                      op0=nl.subtract, operand0=dlt[0:rows, i:i + 1],
-                                                      op1=nl.multiply, operand1=p_sb[0:rows, 0:w])
-                            for jj, (k0, kw) in enumerate(_tiles(w)):
-                                nisa.nc_matmul(dst=dv_ps[0:kw, jj, :], stationary=p_sb[0:rows, k0:k0 + kw],
-                                               moving=do_rows[0:rows, i, :], accumulate=kv_started[jj])
-                                nisa.nc_matmul(dst=dk_ps[0:kw, jj, :], stationary=ds_sb[0:rows, k0:k0 + kw],
-                                               moving=q_rows[0:rows, i, :], accumulate=kv_started[jj])
-                                kv_started[jj] = True
-                            chunks = _transpose_cols(ds_t, ds_sb, rows, w, t_ps[n_transposes % 2])
-                            n_transposes += 1
-                            for jj, (k0, kw) in enumerate(chunks):
-                                nisa.nc_matmul(dst=dq_ps[0:rows, i, :],
-                                               stationary=ds_t[0:kw, jj * rows:(jj + 1) * rows],
-                                               moving=k_rows[0:kw, (j0 + k0) // _P, :], accumulate=dq_started[i])
-                                dq_started[i] = True
-                        # dK/dV of this block (all of the chunk's tiles) into the fp32 SBUF accumulators
-                        n_sub = sum(kv_started)
-                        t0 = j0 // _P
-                        sub_full = sum(1 for jj in range(n_sub) if min(_P, S - j0 - jj * _P) == _P)
-                        for acc_t, ps in ((dv_acc, dv_ps), (dk_acc, dk_ps)):
-                            if sub_full:
-                                nisa.tensor_tensor(dst=acc_t[:, t0:t0 + sub_full, :],
-                                                   data1=acc_t[:, t0:t0 + sub_full, :],
-                                                   data2=ps[:, 0:sub_full, :], op=nl.add)
-                            if sub_full < n_sub:
-                                kw = S - j0 - sub_full * _P
-                                nisa.tensor_tensor(dst=acc_t[0:kw, t0 + sub_full, :],
-                                                   data1=acc_t[0:kw, t0 + sub_full, :],
-                                                   data2=ps[0:kw, sub_full, :], op=nl.add)
+                            kv_end = r0 + i0 + rows if causal else S
+                            if j0 < kv_end:        # else the block is entirely above the diagonal: skipped
+                                blk.append([n_blocks, j0, min(BLK, kv_end - j0), i, i0, rows, r0 + i0, False])
+                        blk[-1][-1] = True
+                        units += blk
+                        n_blocks += 1
+                    _bwd_pipeline(units, cb, S, causal, c, nrk, k_t, v_t, k_rows, ones, dk_acc, dv_acc,
+                                  s_ps, dp_ps, dv_ps, dk_ps, dq_ps, t_ps, p_sb, ds_sb, ds_t)
                     # dq = c * sum_blocks ds @ k, one rounding to dt
-                    if full:
-                        nisa.tensor_scalar(dst=out_sb[:, 0:full, :], data=dq_ps[:, 0:full, :], op0=nl.multiply,
-                                           operand0=c)
-                    if full < nt:
-                        tr = tiles[-1][1]
-                        nisa.tensor_scalar(dst=out_sb[0:tr, full, :], data=dq_ps[0:tr, full, :], op0=nl.multiply,
-                                           operand0=c)
-                    _store_rows(dq[b, h], out_sb, r0, n_rows)
+                    for rows, t0, t1 in _tile_groups(n_rows):
+                        nisa.activation(dst=cb["dq_sb"][0:rows, t0:t1, :], op=nl.copy,
+                                        data=dq_ps[0:rows, t0:t1, :], scale=c)
+                    _store_rows(dq[b, h], cb["dq_sb"], r0, n_rows)
             # dk = c * dK_acc, dv = dV_acc, one rounding each, 512 rows per store
-            for r0 in range(0, S, CH):
-                n_rows = min(CH, S - r0)
+            for r0 in range(0, S, _CHUNK_TILES * _P):
+                n_rows = min(_CHUNK_TILES * _P, S - r0)
                 t0 = r0 // _P
                 nt = (n_rows + _P - 1) // _P
                 for acc_t, scale_by, dst in ((dk_acc, c, dk), (dv_acc, 1.0, dv)):
-                    nisa.tensor_scalar(dst=out_sb[:, 0:nt, :], data=acc_t[:, t0:t0 + nt, :], op0=nl.multiply,
-                                       operand0=scale_by)
+                    nisa.activation(dst=out_sb[:, 0:nt, :], op=nl.copy, data=acc_t[:, t0:t0 + nt, :],
+                                    scale=scale_by)
                     _store_rows(dst[b, g], out_sb, r0, n_rows)
     return dq, dk, dv
+
+
+def _bwd_pipeline(units, cb, S, causal, c, nrk, k_t, v_t, k_rows, ones, dk_acc, dv_acc,
+                  s_ps, dp_ps, dv_ps, dk_ps, dq_ps, t_ps, p_sb, ds_sb, ds_t):
+    """The units of one query chunk, stage A of unit u emitted with stage B of u-1 and stage C of u-2 (buffers
+    by unit parity; dK/dV PSUM by block parity, flushed to the SBUF accumulators after a block's last unit)."""
+    dq_started = set()
+    kv_started = {}
+
+    def stage_a(u, unit):
+        bi, j0, w, i, i0, rows, q0, _ = unit
+        x = u % 2
+        nisa.nc_matmul(dst=s_ps[0:rows, x, 0:w], stationary=cb["q_t"][:, i0:i0 + rows], moving=k_t[:, j0:j0 + w],
+                       accumulate=False, name="scores")
+        # dp - Dlt: do @ v^T, then the rank-nrk update (-Dlt)^T @ ones accumulated in fp32 PSUM
+        nisa.nc_matmul(dst=dp_ps[0:rows, x, 0:w], stationary=cb["do_t"][:, i0:i0 + rows],
+                       moving=v_t[:, j0:j0 + w], accumulate=False)
+        nisa.nc_matmul(dst=dp_ps[0:rows, x, 0:w], stationary=cb["dl_rows"][0:nrk, i0:i0 + rows],
+                       moving=ones[0:nrk, 0:w], accumulate=True, name="minus_dlt")
+        # p = exp(c*s - lse), fp32 on ScalarE, rounded to dt
+        nisa.activation(dst=p_sb[0:rows, x, 0:w], op=nl.exp, data=s_ps[0:rows, x, 0:w],
+                        bias=cb["neg_lse"][0:rows, i:i + 1], scale=c)
+        if causal and j0 + w == q0 + rows:
+            d0 = q0 - j0         # keys j0+d0+f against queries q0+p: p becomes exactly 0 where f > p (select)
+            nisa.affine_select(dst=p_sb[0:rows, x, d0:d0 + rows], pattern=[[-1, rows]], channel_multiplier=1,
+                               on_true_tile=p_sb[0:rows, x, d0:d0 + rows], on_false_value=0.0,
+                               cmp_op=nl.greater_equal, offset=0, name="causal_mask")
+        # ds = p * (dp - Dlt) (fp32), rounded to dt
+        nisa.tensor_tensor(dst=ds_sb[0:rows, x, 0:w], data1=dp_ps[0:rows, x, 0:w], data2=p_sb[0:rows, x, 0:w],
+                           op=nl.multiply)
+
+    def stage_b(u, unit):
+        bi, j0, w, i, i0, rows, q0, last = unit
+        x, pb = u % 2, bi % 2
+        subs = _tiles(w)
+        for jj, (k0, kw) in enumerate(subs):
+            acc = (bi, jj) in kv_started
+            kv_started[(bi, jj)] = True
+            nisa.nc_matmul(dst=dv_ps[0:kw, pb, jj, :], stationary=p_sb[0:rows, x, k0:k0 + kw],
+                           moving=cb["do_rows"][0:rows, i, :], accumulate=acc)
+            nisa.nc_matmul(dst=dk_ps[0:kw, pb, jj, :], stationary=ds_sb[0:rows, x, k0:k0 + kw],
+                           moving=cb["q_rows"][0:rows, i, :], accumulate=acc)
+        for jj, (k0, kw) in enumerate(subs):
+            nisa.nc_transpose(dst=t_ps[0:kw, x, jj * rows:(jj + 1) * rows], data=ds_sb[0:rows, x, k0:k0 + kw])
+        n_full = sum(1 for _, kw in subs if kw == _P)
+        if n_full:
+            nisa.activation(dst=ds_t[:, x, 0:n_full * rows], op=nl.copy, data=t_ps[:, x, 0:n_full * rows])
+        if n_full < len(subs):
+            kw = subs[-1][1]
+            nisa.activation(dst=ds_t[0:kw, x, n_full * rows:(n_full + 1) * rows], op=nl.copy,
+                            data=t_ps[0:kw, x, n_full * rows:(n_full + 1) * rows])
+        if last:                      # dK/dV of this block into the fp32 SBUF accumulators
+            t0 = j0 // _P
+            for rows_k, s0, s1 in _tile_groups(min(S - j0, _BWD_BLOCK)):
+                for acc_t, ps in ((dv_acc, dv_ps), (dk_acc, dk_ps)):
+                    nisa.tensor_tensor(dst=acc_t[0:rows_k, t0 + s0:t0 + s1, :],
+                                       data1=acc_t[0:rows_k, t0 + s0:t0 + s1, :],
+                                       data2=ps[0:rows_k, pb, s0:s1, :], op=nl.add)
+
+    def stage_c(u, unit):
+        bi, j0, w, i, i0, rows, q0, _ = unit
+        x = u % 2
+        for jj, (k0, kw) in enumerate(_tiles(w)):
+            nisa.nc_matmul(dst=dq_ps[0:rows, i, :], stationary=ds_t[0:kw, x, jj * rows:(jj + 1) * rows],
+                           moving=k_rows[0:kw, (j0 + k0) // _P, :], accumulate=i in dq_started)
+            dq_started.add(i)
+
+    n = len(units)
+    for t in range(n + 2):
+        if t < n:
+            stage_a(t, units[t])
+        if 0 <= t - 1 < n:
+            stage_b(t - 1, units[t - 1])
+        if 0 <= t - 2 < n:
+            stage_c(t - 2, units[t - 2])
 
 
 # --------------------------------------------------------------------------- torch-level launchers
