@@ -12,7 +12,8 @@ HBM bandwidth); causal attention counts only unmasked FLOPs), % of roofline (flo
 busy % per engine (of the estimated time; dma = mean of the 16 DMA queues), HBM bytes / minimum bytes,
 instructions, interpreter wall seconds (CPU time of this machine, not a kernel time).
 
-Writes DIR/kernels.csv (or --csv) and DIR/roofline.png (or --chart), DIR = --out (default out/bench_kernels).
+Writes DIR/kernels.csv (or --csv), DIR/roofline.png (or --chart) and DIR/kernels.md (the table in Markdown),
+DIR = --out (default out/bench_kernels).
 --trace (one selected kernel direction and shape): DIR/trace_<kernel>_<dir>_<model>.png, an engine timeline
 (Gantt), and .json, the same timeline as a Chrome trace (chrome://tracing, https://ui.perfetto.dev).
 --measure: on a Neuron host with the real nki, also time each kernel on the device (bench_kernels.device;
@@ -26,8 +27,8 @@ import os
 import sys
 import time
 
-from bench_kernels.kernel_report import (CSV_COLUMNS, KERNELS, MODELS, SEQ, TP, format_table, measure_one, select,
-                                         target_pct)
+from bench_kernels.kernel_report import (CSV_COLUMNS, KERNELS, MODELS, SEQ, TP, format_markdown, format_table,
+                                         measure_one, select, target_pct)
 
 PROG = "python -m bench_kernels"
 DEFAULT_OUT = os.path.join("out", "bench_kernels")
@@ -166,7 +167,9 @@ def _report(args, rows, window):
     charts.write_csv(csv_path, [r.as_dict() for r in rows], CSV_COLUMNS)
     chart_path = args.chart or os.path.join(args.out, "roofline.png")
     charts.roofline_chart(chart_path, rows)
-    print(f"wrote {csv_path}, {chart_path}")
+    md_path = os.path.join(args.out, "kernels.md")
+    charts.write_text(md_path, format_markdown(rows) + "\n")
+    print(f"wrote {csv_path}, {chart_path}, {md_path}")
     if args.trace:
         r = rows[0]
         prefix = os.path.join(args.out, f"trace_{r.kernel}_{r.direction}_{r.model}")

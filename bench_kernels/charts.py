@@ -50,6 +50,12 @@ def write_csv(path, dicts, columns):
             w.writerows(dicts)
 
 
+def write_text(path, text):
+    with atomic_path(path, ".txt") as tmp:
+        with open(tmp, "w") as f:
+            f.write(text)
+
+
 def write_json(path, obj):
     with atomic_path(path, ".json") as tmp:
         with open(tmp, "w") as f:

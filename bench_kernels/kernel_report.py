@@ -325,3 +325,17 @@ def format_table(rows: list[Row]) -> str:
     lines += ["  ".join(c.rjust(w) if i >= 4 and head[i] != "bound" else c.ljust(w)
                         for i, (c, w) in enumerate(zip(b, widths))) for b in body]
     return "\n".join(lines)
+
+
+def format_markdown(rows: list[Row]) -> str:
+    """The table as Markdown (for the README): kernel, direction, model, estimate, floor, % of roofline, target,
+    bound, busy % per engine, HBM bytes / minimum."""
+    head = ["kernel", "dir", "model", "est us", "floor us", "% roof", "target %", "bound",
+            *(f"{e} %" for e in BUSY_ENGINES), "HBM/min"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for r in rows:
+        cells = [r.kernel, r.direction, r.model, f"{r.est_us:.1f}", f"{r.floor_us:.1f}", f"{r.pct_roofline:.1f}",
+                 f"{target_pct(r.kernel, r.direction):.0f}", r.bound,
+                 *(f"{r.busy.get(e, 0.0):.0f}" for e in BUSY_ENGINES), f"{r.ratio:.3f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -68,6 +68,8 @@ def test_report_cli_small_shape_writes_csv_and_chart(tmp_path, capsys):
     import matplotlib.pyplot as plt
     img = plt.imread(tmp_path / "roofline.png")
     assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
+    md = (tmp_path / "kernels.md").read_text().splitlines()
+    assert len(md) == 2 + len(rows) and md[2].startswith("| rmsnorm | fwd | 7b | ")
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]         # no temporary files left
 
 
