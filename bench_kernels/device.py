@@ -3,8 +3,9 @@ have no Neuron device; this is real code for a Neuron host (Neuron SDK >= 2.29 w
 neuronx / torch-xla), written from the documentation below and never run.
 
 Why not ``nki.benchmark``: it belongs to the legacy ``neuronxcc.nki`` namespace; the new ``nki`` package (NKI
->= 0.3, SDK 2.27+) does not provide ``nki.benchmark``/``nki.profile`` (SDK 2.27 release notes, known issues;
-absent from the NKI 0.6 API pages). What the current docs give for kernels called from PyTorch is
+>= 0.3, SDK 2.27+) does not provide them ("nki.benchmark and nki.profile are not available with Beta 2", known
+issues of https://awsdocs-neuron.readthedocs-hosted.com/en/latest/nki/nki_rn.html ; absent from the NKI 0.6 API
+pages). What the current docs give for kernels called from PyTorch is
 
 * timing the framework call: each launcher call on XLA tensors becomes one graph with the kernel as a custom
   call; ``torch_xla.sync()`` (``xm.mark_step()`` before torch-xla 2.x) cuts and launches the graph and
