@@ -3,48 +3,83 @@
 Reference: ``kernels.reference.swiglu_ref`` (forward) and ``swiglu_bwd_ref`` (backward).
 Op:        ``kernels.ops.swiglu``.   Tests: ``tests/test_kernel_swiglu.py``.
 
-Math and numerics (all intermediate values fp32, one rounding to the input dtype per output):
-    forward   out    = silu(gate) * up                      silu on ScalarE, product on VectorE
-    backward  d_up   = dout * silu(gate)
-              d_gate = dout * up * silu'(gate),   silu'(g) = sigmoid(g) * (1 + g * (1 - sigmoid(g)))
-                                                  (ScalarE activation nl.silu_dx)
-PyTorch in bf16 rounds silu(gate) to bf16 before the product; the kernel does not.
+Math and numerics (engines compute in fp32; ``t`` is the input dtype):
+    forward   s      = cast_t(silu(gate))                   ScalarE
+              out    = cast_t(s * up)                       VectorE
+    backward  s      = cast_t(silu(gate)),  d_up = cast_t(dout * s)
+              p      = cast_t(dout * up)
+              d_gate = cast_t(p * silu'(gate)),  silu'(g) = sigmoid(g) * (1 + g * (1 - sigmoid(g)))
+                                                  (ScalarE activation nl.silu_dx, kept in fp32)
+Casting order: silu(gate) and dout * up are rounded to the input dtype before the next product, exactly
+where PyTorch's bf16 autograd rounds them (F.silu returns bf16; the product's grad dout * up is bf16);
+silu'(gate) stays fp32 as inside PyTorch's silu_backward. For fp32 inputs every value is fp32. Rounding
+to bf16 is also what makes the VectorE products bf16-only (N cycles instead of 2N, nki-spec 3.2).
 
-Layout: rows on the 128 partitions (tail tile of N % 128 rows by min()-clamped slices), columns in
-chunks of 2048, so any width works (Llama 2 70B's FFN at TP=1 is 28672 = 14 chunks). Each input tile is
-read once and each output tile written once (minimum HBM bytes).
+Layout: the op is elementwise, so each [N, F] tensor is read as one flat array split over the 128
+partitions: partition p owns the contiguous elements [p * M, (p + 1) * M), M = N * F // 128, processed in
+chunks of CHUNK_BYTES per partition (one DMA of 128 x 8 KiB = 1 MiB per tensor and chunk, above the
+4 KiB-per-partition DMA efficiency threshold whatever F is); the N * F % 128 leftover elements are one
+[r, 1] tile. Loads go to a ring of _NBUF buffers so that chunk i + 1 loads while chunk i computes and
+chunk i - 1 stores. Each input byte is read once and each output byte written once (minimum HBM bytes).
 """
 from __future__ import annotations
 
 from kernels.nki_compat import nki, nl, nisa
 
-_CHUNK = 2048
+CHUNK_BYTES = 8192     # bytes per partition per tensor and chunk (>= 4 KiB: DMA efficiency guideline)
+_NBUF = 3              # load ring depth (triple buffering: load / compute / store overlap)
+
+
+def _flat_segments(tensors, P):
+    """Split same-shape HBM tensors into 2-D views over partitions: [(rows, width, [view per tensor])]: the
+    first P * M elements as [P, M] (each partition contiguous), the rest as [r, 1]."""
+    total = 1
+    for s in tensors[0].shape:
+        total *= s
+    flats = [t.reshape((total,)) for t in tensors]
+    m = total // P
+    segs = []
+    if m:
+        segs.append((P, m, [f[0:P * m].reshape((P, m)) for f in flats]))
+    r = total - P * m
+    if r:
+        segs.append((r, 1, [f[P * m:total].reshape((r, 1)) for f in flats]))
+    return segs
+
+
+def _chunks(segs, chunk):
+    """(segment index, rows, column start, column width) of every chunk of every segment, in order."""
+    for si, (rows, width, _) in enumerate(segs):
+        for c0 in range(0, width, chunk):
+            yield si, rows, c0, min(chunk, width - c0)
 
 
 @nki.jit
 def swiglu_fwd_kernel(gate, up):
     """gate, up [N, F] (bf16|fp32) -> out [N, F] same dtype.
 
-    SBUF per partition (fp32): gate 8 KiB + up 8 KiB + silu 8 KiB + out 8 KiB = 32 KiB. No PSUM.
+    SBUF per partition: two 3-deep input rings 6 x 8 KiB + silu and output tiles (two instances each
+    while a loop rebinds them) 4 x 8 KiB = 80 KiB. No PSUM.
     """
-    n_rows, width = gate.shape
     P = nl.tile_size.pmax
     dt = gate.dtype
-    out = nl.ndarray((n_rows, width), dtype=dt, buffer=nl.shared_hbm)
-    for r0 in range(0, n_rows, P):
-        rows = min(P, n_rows - r0)
-        for c0 in range(0, width, _CHUNK):
-            cw = min(_CHUNK, width - c0)
-            g_t = nl.ndarray((P, _CHUNK), dtype=dt, buffer=nl.sbuf)
-            nisa.dma_copy(dst=g_t[0:rows, 0:cw], src=gate[r0:r0 + rows, c0:c0 + cw])
-            u_t = nl.ndarray((P, _CHUNK), dtype=dt, buffer=nl.sbuf)
-            nisa.dma_copy(dst=u_t[0:rows, 0:cw], src=up[r0:r0 + rows, c0:c0 + cw])
-            s_t = nl.ndarray((P, _CHUNK), dtype=nl.float32, buffer=nl.sbuf)
-            nisa.activation(dst=s_t[0:rows, 0:cw], op=nl.silu, data=g_t[0:rows, 0:cw])
-            o_t = nl.ndarray((P, _CHUNK), dtype=dt, buffer=nl.sbuf)
-            nisa.tensor_tensor(dst=o_t[0:rows, 0:cw], data1=s_t[0:rows, 0:cw], data2=u_t[0:rows, 0:cw],
-                               op=nl.multiply)
-            nisa.dma_copy(dst=out[r0:r0 + rows, c0:c0 + cw], src=o_t[0:rows, 0:cw])
+    out = nl.ndarray(gate.shape, dtype=dt, buffer=nl.shared_hbm)
+    C = CHUNK_BYTES // dt.itemsize
+    segs = _flat_segments([gate, up, out], P)
+    g_r = nl.ndarray((P, _NBUF, C), dtype=dt, buffer=nl.sbuf)
+    u_r = nl.ndarray((P, _NBUF, C), dtype=dt, buffer=nl.sbuf)
+    for i, (si, rows, c0, cw) in enumerate(_chunks(segs, C)):
+        g_v, u_v, o_v = segs[si][2]
+        b = i % _NBUF
+        g_t = g_r[0:rows, b, 0:cw]
+        u_t = u_r[0:rows, b, 0:cw]
+        nisa.dma_copy(dst=g_t, src=g_v[:, c0:c0 + cw])
+        nisa.dma_copy(dst=u_t, src=u_v[:, c0:c0 + cw])
+        s_t = nl.ndarray((P, C), dtype=dt, buffer=nl.sbuf)
+        nisa.activation(dst=s_t[0:rows, 0:cw], op=nl.silu, data=g_t)
+        o_t = nl.ndarray((P, C), dtype=dt, buffer=nl.sbuf)
+        nisa.tensor_tensor(dst=o_t[0:rows, 0:cw], data1=s_t[0:rows, 0:cw], data2=u_t, op=nl.multiply)
+        nisa.dma_copy(dst=o_v[:, c0:c0 + cw], src=o_t[0:rows, 0:cw])
     return out
 
 
@@ -52,42 +87,42 @@ def swiglu_fwd_kernel(gate, up):
 def swiglu_bwd_kernel(dout, gate, up):
     """dout, gate, up [N, F] -> (d_gate, d_up) [N, F] in gate.dtype.
 
-    SBUF per partition (fp32): 3 inputs 24 KiB + silu, silu' and dout*up fp32 24 KiB + 2 outputs
-    16 KiB = 64 KiB. No PSUM.
+    SBUF per partition: three 3-deep input rings 9 x 8 KiB + silu, product, outputs (two instances each)
+    8 x 8 KiB + fp32 silu' 2 x 16 KiB (bf16; at fp32 the chunk has half the elements) <= 168 KiB. No PSUM.
     """
-    n_rows, width = gate.shape
     P = nl.tile_size.pmax
     dt = gate.dtype
     f32 = nl.float32
-    d_gate = nl.ndarray((n_rows, width), dtype=dt, buffer=nl.shared_hbm)
-    d_up = nl.ndarray((n_rows, width), dtype=dt, buffer=nl.shared_hbm)
-    for r0 in range(0, n_rows, P):
-        rows = min(P, n_rows - r0)
-        for c0 in range(0, width, _CHUNK):
-            cw = min(_CHUNK, width - c0)
-            do_t = nl.ndarray((P, _CHUNK), dtype=dt, buffer=nl.sbuf)
-            nisa.dma_copy(dst=do_t[0:rows, 0:cw], src=dout[r0:r0 + rows, c0:c0 + cw])
-            g_t = nl.ndarray((P, _CHUNK), dtype=dt, buffer=nl.sbuf)
-            nisa.dma_copy(dst=g_t[0:rows, 0:cw], src=gate[r0:r0 + rows, c0:c0 + cw])
-            u_t = nl.ndarray((P, _CHUNK), dtype=dt, buffer=nl.sbuf)
-            nisa.dma_copy(dst=u_t[0:rows, 0:cw], src=up[r0:r0 + rows, c0:c0 + cw])
+    d_gate = nl.ndarray(gate.shape, dtype=dt, buffer=nl.shared_hbm)
+    d_up = nl.ndarray(gate.shape, dtype=dt, buffer=nl.shared_hbm)
+    C = CHUNK_BYTES // dt.itemsize
+    segs = _flat_segments([dout, gate, up, d_gate, d_up], P)
+    do_r = nl.ndarray((P, _NBUF, C), dtype=dt, buffer=nl.sbuf)
+    g_r = nl.ndarray((P, _NBUF, C), dtype=dt, buffer=nl.sbuf)
+    u_r = nl.ndarray((P, _NBUF, C), dtype=dt, buffer=nl.sbuf)
+    for i, (si, rows, c0, cw) in enumerate(_chunks(segs, C)):
+        do_v, g_v, u_v, dg_v, du_v = segs[si][2]
+        b = i % _NBUF
+        do_t = do_r[0:rows, b, 0:cw]
+        g_t = g_r[0:rows, b, 0:cw]
+        u_t = u_r[0:rows, b, 0:cw]
+        nisa.dma_copy(dst=g_t, src=g_v[:, c0:c0 + cw])
+        nisa.dma_copy(dst=do_t, src=do_v[:, c0:c0 + cw])
+        nisa.dma_copy(dst=u_t, src=u_v[:, c0:c0 + cw])
 
-            s_t = nl.ndarray((P, _CHUNK), dtype=f32, buffer=nl.sbuf)
-            nisa.activation(dst=s_t[0:rows, 0:cw], op=nl.silu, data=g_t[0:rows, 0:cw])
-            du_t = nl.ndarray((P, _CHUNK), dtype=dt, buffer=nl.sbuf)
-            nisa.tensor_tensor(dst=du_t[0:rows, 0:cw], data1=do_t[0:rows, 0:cw], data2=s_t[0:rows, 0:cw],
-                               op=nl.multiply)
-            nisa.dma_copy(dst=d_up[r0:r0 + rows, c0:c0 + cw], src=du_t[0:rows, 0:cw])
-
-            sd_t = nl.ndarray((P, _CHUNK), dtype=f32, buffer=nl.sbuf)
-            nisa.activation(dst=sd_t[0:rows, 0:cw], op=nl.silu_dx, data=g_t[0:rows, 0:cw])
-            du2 = nl.ndarray((P, _CHUNK), dtype=f32, buffer=nl.sbuf)
-            nisa.tensor_tensor(dst=du2[0:rows, 0:cw], data1=do_t[0:rows, 0:cw], data2=u_t[0:rows, 0:cw],
-                               op=nl.multiply)
-            dg_t = nl.ndarray((P, _CHUNK), dtype=dt, buffer=nl.sbuf)
-            nisa.tensor_tensor(dst=dg_t[0:rows, 0:cw], data1=du2[0:rows, 0:cw], data2=sd_t[0:rows, 0:cw],
-                               op=nl.multiply)
-            nisa.dma_copy(dst=d_gate[r0:r0 + rows, c0:c0 + cw], src=dg_t[0:rows, 0:cw])
+        s_t = nl.ndarray((P, C), dtype=dt, buffer=nl.sbuf)
+        nisa.activation(dst=s_t[0:rows, 0:cw], op=nl.silu, data=g_t)
+        sd_t = nl.ndarray((P, C), dtype=f32, buffer=nl.sbuf)
+        nisa.activation(dst=sd_t[0:rows, 0:cw], op=nl.silu_dx, data=g_t)
+        du_t = nl.ndarray((P, C), dtype=dt, buffer=nl.sbuf)
+        nisa.tensor_tensor(dst=du_t[0:rows, 0:cw], data1=do_t, data2=s_t[0:rows, 0:cw], op=nl.multiply)
+        nisa.dma_copy(dst=du_v[:, c0:c0 + cw], src=du_t[0:rows, 0:cw])
+        p_t = nl.ndarray((P, C), dtype=dt, buffer=nl.sbuf)
+        nisa.tensor_tensor(dst=p_t[0:rows, 0:cw], data1=do_t, data2=u_t, op=nl.multiply)
+        dg_t = nl.ndarray((P, C), dtype=dt, buffer=nl.sbuf)
+        nisa.tensor_tensor(dst=dg_t[0:rows, 0:cw], data1=p_t[0:rows, 0:cw], data2=sd_t[0:rows, 0:cw],
+                           op=nl.multiply)
+        nisa.dma_copy(dst=dg_v[:, c0:c0 + cw], src=dg_t[0:rows, 0:cw])
     return d_gate, d_up
 
 
