@@ -31,14 +31,17 @@ import torch
 import torch.distributed as dist
 
 from training import checkpoint as ckpt
-from training.config import (KERNELS, PRECISIONS, TrainConfig, TrainConfigError, config_hash, load_config,
+from training.config import (KERNELS, NATIVE, PRECISIONS, TrainConfig, TrainConfigError, config_hash, load_config,
                              parse_data_entry)
 from training.metrics import MetricsLogger, Peak, peak_tflops
 from training.optim import (NanGuard, allreduce_grads, build_optimizer, build_scheduler, clip_grads_,
-                            global_grad_norm, global_param_norm)
+                            global_grad_norm, global_param_norm, lr_lambda)
 from training.precision import MATMUL_ENV, MatmulPlan, compute_context, matmul_plan, param_dtype, set_neuron_sr_env
 
-EXIT_BAD_INPUT, EXIT_NAN = 2, 3
+EXIT_BAD_INPUT, EXIT_NAN, EXIT_INTERRUPTED = 2, 3, 130
+RUN_FLAGS = ("config", "resume", "resume_fallback", "allow_hparam_change")   # flags that are not TrainConfig fields
+# What --resume must agree on besides the identity (which fixes the model and data); change them only explicitly.
+HPARAMS = ("lr", "min_lr_ratio", "warmup_steps", "max_steps", "weight_decay", "beta1", "beta2", "eps", "grad_clip")
 
 
 def parse_args(argv=None):
@@ -47,9 +50,17 @@ def parse_args(argv=None):
     p.add_argument("--max-steps", type=int)
     p.add_argument("--out-dir", help="run directory (default runs/<model>-<time>)")
     p.add_argument("--precision", choices=PRECISIONS)
+    p.add_argument("--native", choices=NATIVE,
+                   help="native C++ CPU kernels (kernels/native: fused AdamW-SR, RMSNorm, SwiGLU); auto (default): "
+                        "on CPU when they build; off: the PyTorch composites")
     p.add_argument("--kernels", choices=KERNELS, help="kernels.ops backend (default: nki on XLA, else reference)")
     p.add_argument("--seed", type=int)
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out-dir")
+    p.add_argument("--resume-fallback", action="store_true",
+                   help="with --resume: if the newest checkpoint fails its checksums, resume from the newest intact one")
+    p.add_argument("--allow-hparam-change", action="store_true",
+                   help="with --resume: apply changed optimizer/schedule flags (lr, betas, eps, weight decay, warmup, "
+                        "max steps, min lr, clip) and record the change in metrics.jsonl, instead of refusing")
     p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (0: only at the end)")
     p.add_argument("--keep-last", type=int)
     p.add_argument("--data", nargs="+", help="PREFIX[:WEIGHT] indexed datasets (default: the embedded corpus)")
@@ -64,7 +75,10 @@ def parse_args(argv=None):
     p.add_argument("--warmup-steps", type=int)
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--grad-clip", type=float)
-    p.add_argument("--tp", type=int, help="tensor-parallel degree (dp = world size / tp)")
+    p.add_argument("--tp", type=int, help="tensor-parallel degree (dp = world size / (tp x pp))")
+    p.add_argument("--pp", type=int, help="pipeline stages (llama.pipeline; micro-batches = gradient accumulation)")
+    p.add_argument("--pp-schedule", choices=("gpipe", "1f1b", "interleaved"), help="pipeline schedule (default 1f1b)")
+    p.add_argument("--virtual-stages", type=int, help="stages per rank for --pp-schedule interleaved")
     p.add_argument("--sequence-parallel", action="store_true", default=None)
     p.add_argument("--activation-checkpointing", choices=("none", "full", "selective"))
     p.add_argument("--zero1", action="store_true", default=None, help="ZeroRedundancyOptimizer over DP")
@@ -96,9 +110,12 @@ class Run:
     accum: int
     tp_group: object = None
     dp_group: object = None
+    pp_group: object = None
     out_dir: str = ""
     identity: dict = field(default_factory=dict)
+    native: str = ""                        # which path the CPU hot path takes (select_native)
     plan: MatmulPlan | None = None          # how bf16 matmuls compute (training.precision.matmul_plan)
+    lock: object = None                     # rank 0: training.rundir.RunDirLock, held for the whole run
 
     @property
     def rank0(self) -> bool:
@@ -110,7 +127,15 @@ class Run:
 
     @property
     def dp_rank(self) -> int:
-        return self.rank // self.cfg.tp
+        return self.rank // self.cfg.tp % self.dp       # llama.parallel.make_groups' layout: pp outermost
+
+    @property
+    def pp_rank(self) -> int:
+        return self.rank // (self.cfg.tp * self.dp)
+
+    @property
+    def pp_reduce(self):
+        return self.pp_group if self.cfg.pp > 1 else None
 
     @property
     def tp_reduce(self):
@@ -132,6 +157,7 @@ class Trainable:
     local_opt: object                       # ZeRO-1: the rank's own shard of the optimizer (what it saves)
     scheduler: object
     guard: NanGuard
+    pipeline: object = None                 # --pp: llama.pipeline.Pipeline over the stages of ``model``
 
 
 @dataclass
@@ -141,6 +167,7 @@ class Progress:
     last_loss: float | None = None
     saved_at: int | None = None
     step_times: list = field(default_factory=list)
+    hparam_changes: dict = field(default_factory=dict)   # applied on resume with --allow-hparam-change
 
 
 @dataclass
@@ -160,13 +187,24 @@ def main(argv=None):
     args = parse_args(argv)
     cfg, model_cfg = resolve_config(args)
     run = start_run(cfg, model_cfg, args.resume)
-    parts = build_trainable(run)
-    progress = resume_from_checkpoint(run, parts) if args.resume else Progress()
-    meter = start_metrics(run, progress.step if args.resume else None)
-    announce(run, progress)
-    train_loop(run, parts, progress, meter)
-    if run.rank0:
-        summarize(run, parts, progress, meter)
+    try:
+        parts = build_trainable(run)
+        progress = resume_from_checkpoint(run, parts, args) if args.resume else Progress()
+        meter = start_metrics(run, progress)
+        announce(run, progress)
+        train_loop(run, parts, progress, meter)
+        if run.rank0:
+            summarize(run, parts, progress, meter)
+    except KeyboardInterrupt:                 # Ctrl-C: one line; checkpoints are atomic, so --resume stays exact
+        saved = ckpt.list_checkpoints(run.out_dir)
+        where = f"--resume continues from step {saved[-1][0]}" if saved else "no checkpoint was written yet"
+        fail(f"interrupted (Ctrl-C); {where} (--out-dir {run.out_dir})", EXIT_INTERRUPTED)
+    except OSError as e:                      # the run directory stopped being writable mid-run (disk, mount)
+        fail(f"--out-dir {run.out_dir}: cannot write {e.filename or ''} ({e.strerror or e}); the checkpoints "
+             f"written before are intact")
+    finally:
+        if run.lock is not None:
+            run.lock.release()
     if dist.is_initialized():
         dist.destroy_process_group()
     return 0
@@ -175,7 +213,7 @@ def main(argv=None):
 # ---------------------------------------------------------------------- phase 1: configuration
 def resolve_config(args):
     """The TrainConfig (preset or TOML, then flags) and the model shape it trains; bad input exits 2."""
-    overrides = {k: v for k, v in vars(args).items() if k not in ("config", "resume")}
+    overrides = {k: v for k, v in vars(args).items() if k not in RUN_FLAGS}
     try:
         cfg = load_config(args.config, overrides)
         return cfg, cfg.model_config()
@@ -202,14 +240,51 @@ def start_run(cfg, model_cfg, resume: bool) -> Run:
     except ValueError as e:
         fail(str(e))
     select_kernels(cfg)
+    run.native = select_native(cfg, device)
+    check_pipeline(cfg, model_cfg, world, run.accum)
     if world > 1:
         from llama import parallel
-        run.tp_group, run.dp_group = parallel.make_groups(cfg.tp)
+        if cfg.pp > 1:
+            run.tp_group, run.pp_group, run.dp_group = parallel.make_groups(cfg.tp, cfg.pp)
+        else:
+            run.tp_group, run.dp_group = parallel.make_groups(cfg.tp)
     run.out_dir = resolve_out_dir(cfg, world)
     if run.rank0:
-        prepare_out_dir(run.out_dir, resume)
+        run.lock = prepare_out_dir(run.out_dir, resume)
     run.identity = dict(cfg.identity(), world_tp=cfg.tp, world_dp=run.dp)
     return run
+
+
+def check_pipeline(cfg, model_cfg, world: int, accum: int):
+    """--pp / --virtual-stages: the layout must suit the model and the batch (exit 2 before anything exists)."""
+    if cfg.pp == 1 and cfg.virtual_stages == 1:
+        return
+    from llama.pipeline import check_layout
+    try:
+        check_layout(model_cfg, world, cfg.tp, cfg.pp, cfg.pp_schedule, cfg.virtual_stages, accum)
+    except ValueError as e:
+        fail(f"--pp {cfg.pp}: {e}")
+    if cfg.compile:
+        fail("--compile with --pp: torch.compile of pipeline stages is not supported; drop one of them")
+
+
+def select_native(cfg, device) -> str:
+    """kernels.native for this run (building it once on first use); returns what the summary says about it."""
+    from kernels import native, ops
+    if device.type != "cpu":
+        native.set_mode("off")
+        return f"off (a {device.type} run; the native kernels are for CPU)"
+    try:
+        native.set_mode(cfg.native)
+    except RuntimeError as e:                       # --native on without a working build: say why, before output
+        fail(f"--native on: {e}")
+    if cfg.native == "off":
+        return "off (--native off): PyTorch composites"
+    if not native.enabled():
+        return f"off (unavailable: {native.unavailable_reason()}): PyTorch composites"
+    used = (["fused AdamW-SR"] if cfg.precision == "bf16-sr" else []) + \
+        (["RMSNorm", "SwiGLU"] if ops.get_backend() == "reference" else [])
+    return f"on ({native.info()['isa']}): {', '.join(used) or 'nothing in this configuration'}"
 
 
 def select_kernels(cfg):
@@ -251,20 +326,29 @@ def init_distributed(device: str):
 
 
 def prepare_out_dir(out_dir: str, resume: bool):
-    """Create and probe the run directory; refuse to overwrite a previous run unless resuming."""
-    if not resume and os.path.isdir(out_dir) and (ckpt.list_checkpoints(out_dir) or
-                                                   os.path.exists(os.path.join(out_dir, "metrics.jsonl"))):
-        fail(f"--out-dir {out_dir} already holds a run (checkpoints / metrics.jsonl); pass --resume to continue it "
-             f"or choose another --out-dir (nothing was changed)")
+    """Create and probe the run directory, take its lock (one train.py per directory), and refuse to overwrite a
+    previous run unless resuming. A run stopped before its first checkpoint left nothing to resume: a fresh start
+    replaces its metrics. Returns the lock (held until the process exits)."""
+    from training import rundir
     try:
         os.makedirs(out_dir, exist_ok=True)
         probe = os.path.join(out_dir, f".write-probe-{os.getpid()}")
         with open(probe, "w") as fh:
             fh.write("ok")
         os.remove(probe)
+        lock = rundir.lock(out_dir)
     except OSError as e:
         fail(f"--out-dir {out_dir} is not writable: {e.strerror} ({e.filename})")
-
+    except rundir.RunDirBusy as e:
+        fail(str(e))
+    if not resume and ckpt.list_checkpoints(out_dir):
+        lock.release()
+        fail(f"--out-dir {out_dir} already holds a run (checkpoints / metrics.jsonl); pass --resume to continue it "
+             f"or choose another --out-dir (nothing was changed)")
+    if not resume and os.path.exists(os.path.join(out_dir, "metrics.jsonl")):
+        print(f"train.py: note: {out_dir} holds metrics of a run stopped before its first checkpoint; starting "
+              f"afresh and replacing them", file=sys.stderr)
+    return lock
 
 
 # ---------------------------------------------------------------------- phase 3: data, model, optimizer
@@ -275,13 +359,35 @@ def build_trainable(run: Run) -> Trainable:
     except (ValueError, OSError) as e:
         fail(f"data: {e}")
     try:
-        model = build_model(cfg, run.model_cfg, run.tp_group, run.device)
+        model, pipe = build_pipeline(run) if cfg.pp > 1 else \
+            (build_model(cfg, run.model_cfg, run.tp_group, run.device), None)
     except (ValueError, OSError) as e:               # llama.hf.CheckpointError, ParallelError, unreadable shards
         fail(f"model: {e}")
+    except Exception as e:                           # safetensors' own error type for a corrupt file
+        if type(e).__name__ != "SafetensorError":
+            raise
+        fail(f"model: --init-from-hf {cfg.init_from_hf}: {unreadable_safetensors(cfg.init_from_hf)} is corrupt or "
+             f"not a safetensors file ({e})")
     optimizer = build_optimizer(model, cfg, run.tp_rank, run.dp_group, hardware_sr=run.device.type == "xla")
     return Trainable(loader=loader, model=model, params=[p for p in model.parameters() if p.requires_grad],
                      optimizer=optimizer, local_opt=optimizer.optim if cfg.zero1 else optimizer,
-                     scheduler=build_scheduler(optimizer, cfg), guard=NanGuard(cfg.nan_guard_max_consecutive))
+                     scheduler=build_scheduler(optimizer, cfg), guard=NanGuard(cfg.nan_guard_max_consecutive),
+                     pipeline=pipe)
+
+
+def unreadable_safetensors(hf_dir: str) -> str:
+    """The first *.safetensors file of hf_dir that safetensors cannot open (to name it in the error)."""
+    import glob
+
+    from safetensors import safe_open
+    for f in sorted(glob.glob(os.path.join(hf_dir, "*.safetensors"))):
+        try:
+            with safe_open(f, framework="pt") as fh:
+                for key in fh.keys():
+                    fh.get_slice(key)
+        except Exception:
+            return f
+    return f"a weights file in {hf_dir}"
 
 
 def build_data(cfg, model_cfg, dp_rank, dp_size):
@@ -318,6 +424,29 @@ def build_model(cfg, model_cfg, tp_group, device):
 
 
 
+def build_pipeline(run: Run):
+    """--pp: (this rank's stages as one llama.pipeline.LocalModel, their llama.pipeline.Pipeline). The weights are
+    those build_model would make (same seed, or the --init-from-hf slices of this rank's stages only)."""
+    import llama
+    from llama import parallel, pipeline
+    cfg, tp_group = run.cfg, run.tp_group if run.cfg.tp > 1 else None
+    stages = dict(pp=cfg.pp, pp_rank=run.pp_rank, virtual=cfg.virtual_stages)
+    torch.manual_seed(cfg.seed)
+    if cfg.init_from_hf:
+        local = llama.from_hf(cfg.init_from_hf, tp_group=tp_group, sequence_parallel=cfg.sequence_parallel,
+                              pipeline=stages)
+    else:
+        model = llama.Llama(run.model_cfg)
+        if tp_group is not None:
+            parallel.parallelize(model, tp_group, sequence_parallel=cfg.sequence_parallel)
+        local = pipeline.LocalModel(pipeline.split_stages(model, **stages))
+    parallel.apply_activation_checkpointing(local, cfg.activation_checkpointing)
+    dtype = param_dtype(cfg.precision)
+    local.to(device=run.device, dtype=dtype)  # in place: the stages share these parameters
+    return local, pipeline.Pipeline(local.stages, run.pp_group, cfg.pp_schedule, run.accum, cfg.micro_batch_size,
+                                    cfg.seq_len, run.device, dtype)
+
+
 def compile_model(model, device):
     """torch.compile the whole model in place (``nn.Module.compile``: parameter names and checkpoints unchanged).
 
@@ -336,24 +465,41 @@ def compile_model(model, device):
 
 
 # ---------------------------------------------------------------------- phase 4: resume
-def resume_from_checkpoint(run: Run, parts: Trainable) -> Progress:
-    """Load the newest complete checkpoint of --out-dir into ``parts``; it must come from the same configuration."""
+def resume_from_checkpoint(run: Run, parts: Trainable, args) -> Progress:
+    """Load the newest intact checkpoint of --out-dir into ``parts``; it must come from the same configuration
+    and the same optimizer/schedule settings (unless --allow-hparam-change, which applies and records them)."""
     try:
-        path = ckpt.latest_checkpoint(run.out_dir)
+        path = choose_checkpoint(run.out_dir, args.resume_fallback)
         meta = ckpt.read_meta(path)
-        diff = ckpt.diff_identity(meta["identity"], run.identity)
+        from training import reshard     # tp / pp may differ: the checkpoint is then resharded
+        diff = ckpt.diff_identity(*({k: v for k, v in d.items() if k not in reshard.LAYOUT_KEYS}
+                                    for d in (meta["identity"], run.identity)))
         if diff:
             raise ckpt.CheckpointError(f"checkpoint {path} was written by another configuration; differing "
                                        f"keys: " + "; ".join(diff))
-        state = ckpt.load(path, run.tp_rank, run.dp_rank)
+        changes = hparam_changes(meta, run.cfg)
+        if changes and not args.allow_hparam_change:
+            raise ckpt.CheckpointError(
+                f"--resume with optimizer/schedule settings that differ from checkpoint {path}: "
+                + "; ".join(f"{k}: checkpoint {a!r} != now {b!r}" for k, (a, b) in changes.items())
+                + ". Pass the checkpoint's values, or --allow-hparam-change to apply the new ones (recorded in "
+                  "metrics.jsonl)")
+        if reshard.layout_of(meta) == (run.cfg.tp, run.cfg.pp, run.dp):
+            state = ckpt.load(path, run.tp_rank, run.dp_rank, run.pp_rank)
+        else:                                   # saved under another (tp, pp): rebuild this rank's shards
+            reshard.check_reshardable(path, meta, run.cfg.tp, run.cfg.pp, run.dp, run.cfg.zero1)
+            state = reshard.resharded_state(path, meta, run.model_cfg, parts.model, parts.local_opt,
+                                            optimizer_param_names(parts), run.cfg.tp, run.tp_rank, run.dp_rank)
     except ckpt.CheckpointError as e:
         fail(str(e))
     parts.model.load_state_dict(state["model"])
     parts.local_opt.load_state_dict(state["optimizer"])
+    parts.scheduler.load_state_dict(state["scheduler"])
+    if changes:
+        apply_hparams(parts, run.cfg)
     if run.cfg.zero1:                         # ZeRO-1 syncs group keys (lr, sr_step) from its own groups
         for zg, lg in zip(parts.optimizer.param_groups, parts.local_opt.param_groups):
             zg.update({k: v for k, v in lg.items() if k != "params"})
-    parts.scheduler.load_state_dict(state["scheduler"])
     parts.loader.load_state_dict(state["loader"])
     parts.guard.load_state_dict(state["nan_guard"])
     set_rng_state(state["rng"])
@@ -361,7 +507,53 @@ def resume_from_checkpoint(run: Run, parts: Trainable) -> Progress:
     if saved and saved != run.plan.compute and not os.environ.get(MATMUL_ENV):
         # the same GEMMs as before the interruption, so the resumed run stays bitwise the uninterrupted one
         run.plan = MatmulPlan(saved, f"as the resumed checkpoint's run (this start measured: {run.plan.reason})")
-    return Progress(step=state["step"], tokens_seen=state["tokens_seen"])
+    return Progress(step=state["step"], tokens_seen=state["tokens_seen"], hparam_changes=changes)
+
+
+def choose_checkpoint(out_dir: str, fallback: bool) -> str:
+    """The newest checkpoint if it is complete and intact (sizes and sha256 of every rank file); otherwise the
+    newest intact one with --resume-fallback, or an error naming it."""
+    try:
+        newest = ckpt.latest_checkpoint(out_dir)
+        ckpt.verify(newest)
+        return newest
+    except ckpt.CheckpointError as e:
+        if not ckpt.list_checkpoints(out_dir):
+            raise                              # nothing to fall back to: the "no checkpoint" error as it is
+        intact = ckpt.newest_intact(out_dir)
+        if fallback and intact:
+            print(f"train.py: warning: {e}; resuming from the newest intact checkpoint {intact} (--resume-fallback)",
+                  file=sys.stderr, flush=True)
+            return intact
+        hint = (f"; the newest intact checkpoint is {intact}: pass --resume-fallback to resume from it" if intact
+                else "; no intact checkpoint remains")
+        raise ckpt.CheckpointError(f"{e}{hint}") from None
+
+
+def hparam_changes(meta: dict, cfg) -> dict:
+    """{name: (checkpoint value, current value)} of the HPARAMS that differ (checkpoints that predate the record:
+    none)."""
+    saved = meta.get("hparams") or {}
+    return {k: (saved[k], getattr(cfg, k)) for k in HPARAMS if k in saved and saved[k] != getattr(cfg, k)}
+
+
+def apply_hparams(parts: Trainable, cfg) -> None:
+    """Put the current settings into the restored optimizer groups and schedule (at the restored step)."""
+    sched = parts.scheduler
+    sched.base_lrs = [cfg.lr] * len(sched.base_lrs)
+    sched.lr_lambdas = [lr_lambda(cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)] * len(sched.base_lrs)
+    for g, base, f in zip(parts.local_opt.param_groups, sched.base_lrs, sched.lr_lambdas):
+        g["lr"] = base * f(sched.last_epoch)
+        g["betas"], g["eps"] = (cfg.beta1, cfg.beta2), cfg.eps
+        if all(p.ndim >= 2 for p in g["params"]):            # the decay groups (training.optim.param_groups)
+            g["weight_decay"] = cfg.weight_decay
+    sched._last_lr = [g["lr"] for g in parts.local_opt.param_groups]
+
+
+def optimizer_param_names(parts: Trainable) -> list:
+    """Names of the (local) optimizer's parameters in its state_dict order: what resharding matches by."""
+    name_of = {id(p): n for n, p in parts.model.named_parameters()}
+    return [name_of[id(p)] for g in parts.local_opt.param_groups for p in g["params"]]
 
 
 def rng_state():
@@ -380,10 +572,13 @@ def set_rng_state(s):
 
 
 # ---------------------------------------------------------------------- phase 5: metrics
-def start_metrics(run: Run, resume_step: int | None) -> Meter:
+def start_metrics(run: Run, progress: Progress) -> Meter:
     cfg = run.cfg
     peak = Peak(*peak_tflops(run.device.type, run.plan.dtype, cfg.peak_tflops))
-    logger = MetricsLogger(run.out_dir, resume_step=resume_step) if run.rank0 else None
+    logger = MetricsLogger(run.out_dir, resume_step=progress.step if progress.step else None) if run.rank0 else None
+    if logger is not None and progress.hparam_changes:
+        logger.log(progress.step, event="hparams_changed",
+                   changes={k: {"checkpoint": a, "now": b} for k, (a, b) in progress.hparam_changes.items()})
     return Meter(flops_per_token=run.model_cfg.flops_per_token(cfg.seq_len), peak=peak,
                  tokens_per_step=cfg.global_batch_size * cfg.seq_len, logger=logger, t_start=time.perf_counter())
 
@@ -395,9 +590,11 @@ def announce(run: Run, progress: Progress):
     cfg = run.cfg
     print(f"train.py: {cfg.model} ({run.model_cfg.num_params() / 1e6:.2f}M params), precision {cfg.precision}, "
           f"kernels {ops.get_backend() if hasattr(ops, 'get_backend') else cfg.kernels}, world {run.world} = tp "
-          f"{cfg.tp} x dp {run.dp}, global batch {cfg.global_batch_size} = micro {cfg.micro_batch_size} x dp "
+          f"{cfg.tp} x pp {cfg.pp} x dp {run.dp},"
+          f" global batch {cfg.global_batch_size} = micro {cfg.micro_batch_size} x dp "
           f"{run.dp} x accum {run.accum}, seq {cfg.seq_len}, steps {progress.step} -> {cfg.max_steps}, out "
-          f"{run.out_dir}\n  matmuls in {run.plan.compute} ({run.plan.reason})", flush=True)
+          f"{run.out_dir}\n  matmuls in {run.plan.compute} ({run.plan.reason})\n  native kernels {run.native}",
+          flush=True)
 
 
 # ---------------------------------------------------------------------- phase 6: the loop
@@ -440,6 +637,13 @@ def forward_backward(run: Run, parts: Trainable, poison: bool):
     if run.dp_reduce is not None:
         dist.all_reduce(n_valid, group=run.dp_group)
     loss_sum = torch.zeros((), dtype=torch.float32, device=device)
+    if parts.pipeline is not None:            # the pipeline's micro-batches are these micro-batches
+        ids, lbl = torch.cat([m[0] for m in micro]).to(device), torch.cat([m[1] for m in micro]).to(device)
+        with compute_context(run.cfg.precision, device.type, run.plan):
+            loss = parts.pipeline.step(ids, lbl, n_valid * float("nan") if poison else n_valid)
+        if loss is not None:                  # the last stage: sum of token losses, as below
+            loss_sum += loss * n_valid.clamp(min=1)
+        return loss_sum, n_valid
     for ids, lbl in micro:
         with compute_context(run.cfg.precision, device.type, run.plan):
             loss = parts.model(ids.to(device), labels=lbl.to(device), reduction="sum")
@@ -455,7 +659,7 @@ def optimizer_step(run: Run, parts: Trainable):
     from llama import parallel
     parallel.allreduce_replicated_grads(parts.model)
     allreduce_grads(parts.params, run.dp_reduce)
-    grad_norm = global_grad_norm(parts.params, run.tp_reduce)
+    grad_norm = global_grad_norm(parts.params, run.tp_reduce, run.pp_reduce)
     ok = parts.guard.check(grad_norm)
     if ok:
         clip_grads_(parts.params, grad_norm, run.cfg.grad_clip)
@@ -469,6 +673,8 @@ def optimizer_step(run: Run, parts: Trainable):
 
 
 def log_step(run, parts, progress, meter, loss_sum, n_valid, grad_norm, ok, dt, bar):
+    if run.pp_reduce is not None:             # the loss lives on the last stage
+        dist.broadcast(loss_sum, src=dist.get_global_rank(run.pp_group, run.cfg.pp - 1), group=run.pp_group)
     if run.dp_reduce is not None:
         dist.all_reduce(loss_sum, group=run.dp_group)
     progress.last_loss = float(loss_sum / n_valid.clamp(min=1))
@@ -476,7 +682,7 @@ def log_step(run, parts, progress, meter, loss_sum, n_valid, grad_norm, ok, dt, 
     tps = meter.tokens_per_step / dt
     mfu = meter.mfu(tps, run.world)
     # on log steps only: one more pass over the weights (and a host sync on XLA)
-    param_norm = float(global_param_norm(parts.params, run.tp_reduce))
+    param_norm = float(global_param_norm(parts.params, run.tp_reduce, run.pp_reduce))
     if run.rank0:
         meter.logger.log(progress.step, loss=progress.last_loss, lr=parts.scheduler.get_last_lr()[0],
                          grad_norm=float(grad_norm), param_norm=param_norm, tokens_per_s=tps,
@@ -490,11 +696,14 @@ def save_checkpoint(run: Run, parts: Trainable, progress: Progress):
     state = dict(model=parts.model.state_dict(), optimizer=parts.local_opt.state_dict(),
                  scheduler=parts.scheduler.state_dict(), loader=parts.loader.state_dict(),
                  nan_guard=parts.guard.state_dict(), rng=rng_state(), step=progress.step,
-                 tokens_seen=progress.tokens_seen,
-                 sr=dict(seed=cfg.seed, rule="bits of step s come from sr_seed(seed, s, stream); see precision.py"))
+                 tokens_seen=progress.tokens_seen, param_names=optimizer_param_names(parts),
+                 sr=dict(seed=cfg.seed, rule="bits of step s: sr_bits(sr_tensor_key(seed, s, stream, i)) for the "
+                                                   "i-th tensor of a group; see precision.py"))
     meta = dict(identity=run.identity, config_hash=config_hash(run.identity), precision=cfg.precision, tp=cfg.tp,
-                dp=run.dp, matmul_compute=run.plan.compute, time=time.strftime("%Y-%m-%dT%H:%M:%S"))
-    ckpt.save(run.out_dir, progress.step, state, meta, run.tp_rank, run.dp_rank, cfg.keep_last)
+                dp=run.dp, pp=cfg.pp, matmul_compute=run.plan.compute,
+                hparams={k: getattr(cfg, k) for k in HPARAMS},
+                time=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    ckpt.save(run.out_dir, progress.step, state, meta, run.tp_rank, run.dp_rank, cfg.keep_last, pp_rank=run.pp_rank)
 
 
 # ---------------------------------------------------------------------- phase 7: summary (rank 0)
@@ -519,7 +728,8 @@ def summarize(run: Run, parts: Trainable, progress: Progress, meter: Meter):
           f"  tokens/s        {mean_tps:,.0f} (mean after the first {len(times) - len(steady)} logged "
           f"steps)\n  MFU             {100 * mfu:.2f}% ({meter.flops_per_token / 1e6:.2f} MFLOP/token; peak "
           f"{meter.peak.tflops:.3g} TFLOPS/device x {run.world}: {meter.peak.source})\n  final loss      {final_loss}\n"
-          f"  last checkpoint step {progress.saved_at}\n  output          {run.out_dir}", flush=True)
+          f"  last checkpoint step {progress.saved_at}\n  native kernels  {run.native}\n"
+          f"  output          {run.out_dir}", flush=True)
 
 
 if __name__ == "__main__":

@@ -116,3 +116,24 @@ def test_sigkill_during_checkpoint_write_then_resume(reference, tmp_path):
     assert [s for s, _ in list_checkpoints(out)] == [3]
     run(cmd(out, "bf16-sr", resume=True))
     check_same_as(reference["bf16-sr"], out)
+
+
+def test_ctrl_c_is_one_line_and_resume_stays_exact(reference, tmp_path):
+    out = str(tmp_path / "interrupted")
+    p = subprocess.Popen(cmd(out, "bf16-sr"), cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                         text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and p.poll() is None:
+        try:
+            if len(history(out)) >= 7:               # past the step-6 checkpoint
+                break
+        except (OSError, json.JSONDecodeError):
+            pass
+        time.sleep(0.01)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "interrupted (Ctrl-C); --resume continues from step" in lines[0], err
+    run(cmd(out, "bf16-sr", resume=True))
+    check_same_as(reference["bf16-sr"], out)

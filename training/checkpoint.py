@@ -4,6 +4,12 @@ Layout: ``<out-dir>/checkpoints/step_000123/`` holding one ``rank_tp{t}_dp{d}.pt
 scheduler, data position, RNG states, NaN-guard counters, SR seed info) and ``meta.json`` (config identity and
 its hash, world layout, step, precision, the list of rank files with their sizes).
 
+Integrity: each rank hashes its file (sha256, computed while it is written) into a ``<file>.sha256`` sidecar;
+rank 0 collects them into meta.json's ``sha256`` map. ``load`` re-hashes the rank file and refuses a mismatch
+(flipped bytes of the same size), naming the file; ``newest_intact`` finds the newest checkpoint whose every
+file matches, for ``--resume`` to name in its error and to fall back to when told (``--resume-fallback``).
+Checkpoints written before checksums existed load with the size check only.
+
 Atomicity: everything is written into ``step_000123.tmp-<pid>/`` (pid of global rank 0); each rank writes its
 file, fsyncs it, then a barrier; rank 0 writes ``meta.json`` last (fsync), renames the directory to its final
 name (``os.rename``, atomic on POSIX within a filesystem) and fsyncs the parent. A checkpoint is *complete* when
@@ -19,6 +25,7 @@ and the rename, after printing ``checkpoint-write-in-progress`` on stderr.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -136,7 +143,7 @@ def save(out_dir: str, step: int, state: dict, meta: dict, tp_rank: int, dp_rank
     if rank0:
         os.makedirs(root, exist_ok=True)
         for name in os.listdir(root):          # leftovers of killed saves: never complete, safe to drop
-            if ".tmp-" in name or ".old-" in name:
+            if (".tmp-" in name or ".old-" in name) and owner_gone(name):
                 shutil.rmtree(os.path.join(root, name), ignore_errors=True)
         tmp = os.path.join(root, f"step_{step:06d}.tmp-{os.getpid()}")
         os.makedirs(tmp)
@@ -144,7 +151,12 @@ def save(out_dir: str, step: int, state: dict, meta: dict, tp_rank: int, dp_rank
     name = rank_file(tp_rank, dp_rank, pp_rank)
     fpath = os.path.join(tmp, name)
     with open(fpath, "wb") as fh:
-        torch.save(state, fh)
+        hashing = _HashingWriter(fh)
+        torch.save(state, hashing)
+        fh.flush()
+        os.fsync(fh.fileno())
+    with open(fpath + ".sha256", "w") as fh:
+        fh.write(hashing.hexdigest())
         fh.flush()
         os.fsync(fh.fileno())
     _barrier()
@@ -156,7 +168,12 @@ def save(out_dir: str, step: int, state: dict, meta: dict, tp_rank: int, dp_rank
             print("checkpoint-write-in-progress", file=sys.stderr, flush=True)
             time.sleep(delay)
         files = {f: os.path.getsize(os.path.join(tmp, f)) for f in sorted(os.listdir(tmp)) if f.endswith(".pt")}
-        meta = dict(meta, format=FORMAT_VERSION, complete=True, step=step, files=files)
+        sums = {}
+        for f in files:
+            with open(os.path.join(tmp, f + ".sha256")) as fh:
+                sums[f] = fh.read().strip()
+            os.remove(os.path.join(tmp, f + ".sha256"))
+        meta = dict(meta, format=FORMAT_VERSION, complete=True, step=step, files=files, sha256=sums)
         mtmp = os.path.join(tmp, "meta.json")
         with open(mtmp, "w") as fh:
             json.dump(meta, fh, indent=1, sort_keys=True, default=str)
@@ -187,11 +204,85 @@ def _remove_final(path: str) -> None:
 
 
 def load(path: str, tp_rank: int, dp_rank: int, pp_rank: int = 0) -> dict:
+    """This rank's state from checkpoint ``path``, after checking the file's sha256 against meta.json."""
     f = os.path.join(path, rank_file(tp_rank, dp_rank, pp_rank))
     if not os.path.isfile(f):
         raise CheckpointError(f"checkpoint {path} has no file for tp rank {tp_rank}, pp rank {pp_rank}, dp rank "
                               f"{dp_rank} ({f})")
+    verify_file(path, os.path.basename(f), read_meta(path))
     try:
         return torch.load(f, map_location="cpu", weights_only=False)
     except Exception as e:                     # torch raises several types for truncated / garbage files
         raise CheckpointError(f"checkpoint file {f} is corrupt and cannot be read: {type(e).__name__}: {e}") from None
+
+
+class _HashingWriter:
+    """A write-only file object that hashes what passes through it (torch.save's zip writer needs write/flush)."""
+
+    def __init__(self, fh):
+        self.fh, self.h = fh, hashlib.sha256()
+
+    def write(self, b):
+        self.h.update(b)
+        return self.fh.write(b)
+
+    def flush(self):
+        self.fh.flush()
+
+    def hexdigest(self) -> str:
+        return self.h.hexdigest()
+
+
+def sha256_of(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_file(path: str, name: str, meta: dict) -> None:
+    """CheckpointError unless the rank file ``name`` of checkpoint ``path`` has the sha256 meta.json records
+    (checkpoints from before checksums record none: nothing to check)."""
+    want = (meta.get("sha256") or {}).get(name)
+    if want is None:
+        return
+    got = sha256_of(os.path.join(path, name))
+    if got != want:
+        raise CheckpointError(f"checkpoint file {os.path.join(path, name)} is corrupt: its sha256 {got[:16]}... "
+                              f"differs from {want[:16]}... recorded in meta.json (changed bytes)")
+
+
+def verify(path: str) -> dict:
+    """meta.json of checkpoint ``path`` after checking every rank file's size and sha256 (CheckpointError)."""
+    meta = read_meta(path)
+    for name in meta.get("files", {}):
+        verify_file(path, name, meta)
+    return meta
+
+
+def newest_intact(out_dir: str) -> str | None:
+    """The newest checkpoint whose files all pass ``verify``, or None."""
+    for _, path in reversed(list_checkpoints(out_dir)):
+        try:
+            verify(path)
+            return path
+        except CheckpointError:
+            continue
+    return None
+
+
+def owner_gone(name: str) -> bool:
+    """Whether the process whose pid ends a ``*.tmp-<pid>`` / ``*.old-<pid>`` name no longer runs on this host
+    (its leftover is then safe to delete). The run-directory lock (``training.rundir``) keeps other trainers out
+    of the directory; this keeps a save from deleting what a live process is still writing."""
+    pid = name.rsplit("-", 1)[-1]
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:            # alive, another user's
+        return False
+    return False

@@ -21,6 +21,7 @@ except ModuleNotFoundError:            # pragma: no cover - Python 3.10 (pip ins
 
 PRECISIONS = ("bf16-sr", "mixed", "fp32")
 KERNELS = ("reference", "sim", "nki")
+NATIVE = ("auto", "on", "off")                 # kernels.native modes (native C++ CPU kernels)
 AC_MODES = ("none", "full", "selective")
 PP_SCHEDULES = ("gpipe", "1f1b", "interleaved")
 
@@ -56,6 +57,9 @@ class TrainConfig:
     # numerics and kernels
     precision: str = "bf16-sr"
     kernels: str | None = None                 # None: "nki" on XLA devices, "reference" elsewhere
+    # the native CPU kernels (kernels/native: fused AdamW-SR, RMSNorm, SwiGLU): "auto" uses them on CPU when they
+    # build, "on" requires them, "off" keeps the PyTorch composites. Same numerics either way (not in the identity).
+    native: str = "auto"
     # parallelism: dp = world_size / (tp x pp)
     tp: int = 1
     pp: int = 1                                # pipeline stages (llama.pipeline); micro-batches = grad_accum
@@ -87,6 +91,7 @@ class TrainConfig:
         need(self.precision in PRECISIONS, f"precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
         need(self.kernels is None or self.kernels in KERNELS,
              f"kernels {self.kernels!r} is not one of {', '.join(KERNELS)}")
+        need(self.native in NATIVE, f"native {self.native!r} is not one of {', '.join(NATIVE)}")
         need(self.activation_checkpointing in AC_MODES,
              f"activation_checkpointing {self.activation_checkpointing!r} is not one of {', '.join(AC_MODES)}")
         need(self.pp_schedule in PP_SCHEDULES, f"pp_schedule {self.pp_schedule!r} is not one of "

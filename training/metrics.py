@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 
 import torch
 
@@ -122,6 +123,7 @@ class MetricsLogger:
         self.fh = open(self.path, "a")
         self.tb = None
         if tensorboard:
+            _quiet_tensorboard_thread_errors()
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(os.path.join(out_dir, "tensorboard"),
                                     purge_step=None if resume_step is None else resume_step + 1)
@@ -142,6 +144,23 @@ class MetricsLogger:
         if self.tb is not None:
             self.tb.flush()
             self.tb.close()
+
+
+def _quiet_tensorboard_thread_errors():
+    """TensorBoard writes events from a background thread that re-raises a write error there (a full traceback on
+    stderr) and again on the next add_scalar / flush in the caller's thread. Keep only the second: the trainer
+    reports that one in a single line."""
+    from tensorboard.summary.writer.event_file_writer import _AsyncWriterThread
+    previous = threading.excepthook
+    if getattr(previous, "_quiet_tb", False):
+        return
+
+    def hook(args):
+        if isinstance(args.thread, _AsyncWriterThread) and issubclass(args.exc_type, OSError):
+            return
+        previous(args)
+    hook._quiet_tb = True
+    threading.excepthook = hook
 
 
 def read_metrics(path: str) -> list[dict]:

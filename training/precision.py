@@ -196,7 +196,8 @@ def matmul_plan(precision: str, device_type: str, env=None) -> MatmulPlan:
     """The matmul compute of a run. Only bf16-sr on CPU has a choice: fp32 for fp32/mixed-free paths is "fp32",
     ``mixed`` is bf16 autocast by definition, GPUs and trn1 have bf16 matrix units. On CPU, forced by
     ``LLAMA_TRAIN_BF16_MATMUL=native|fp32``; else widened when the CPU advertises no bf16 matrix feature, and
-    otherwise decided by measurement: native only if a bf16 512^3 GEMM is at least as fast as the fp32 one."""
+    otherwise decided by measurement: native only if a bf16 512^3 GEMM is at least as fast as the fp32 one (best
+    of 5 interleaved trials each; the decision is recorded in checkpoints and kept on resume)."""
     env = os.environ if env is None else env
     if precision == "fp32":
         return MatmulPlan("fp32", "fp32 parameters")
@@ -212,7 +213,11 @@ def matmul_plan(precision: str, device_type: str, env=None) -> MatmulPlan:
     flags = cpu_bf16_flags()
     if not flags:
         return MatmulPlan("fp32", "this CPU advertises no bf16 matrix feature (" + "/".join(BF16_CPU_FLAGS) + ")")
-    bf16, fp32 = matmul_gflops(torch.bfloat16), matmul_gflops(torch.float32)
+    # interleaved, best of 5 each: load from other processes slows trials down, never up, and hits both dtypes
+    bf16 = fp32 = 0.0
+    for _ in range(5):
+        bf16 = max(bf16, matmul_gflops(torch.bfloat16, trials=1))
+        fp32 = max(fp32, matmul_gflops(torch.float32, trials=1))
     measured = f"{'/'.join(sorted(flags))}; 512^3 GEMM bf16 {bf16:.0f} vs fp32 {fp32:.0f} GFLOP/s"
     return MatmulPlan("bf16", measured) if bf16 >= fp32 else MatmulPlan("fp32", measured)
 
