@@ -1,7 +1,8 @@
 """Kernel report: estimated trn1 time of every NKI kernel vs its roofline, at Llama 2's per-rank shapes.
 
     python -m bench_kernels [--kernel K[,K]] [--shape 7b|13b|70b[,..]] [--direction fwd|bwd] [--seq N]
-                            [--out DIR] [--csv FILE] [--chart FILE] [--trace] [--trace-window A:B] [--measure]
+                            [--out DIR] [--csv FILE] [--chart FILE] [--baseline CSV] [--trace]
+                            [--trace-window A:B] [--measure]
 
 Each kernel (rmsnorm, rope, swiglu, attention; forward and backward) runs once on the NKI interpreter
 (kernels.sim) at the per-rank shapes of Llama 2 7B/13B/70B (TP=8, sequence 4096, micro-batch 1, bf16; see
@@ -16,6 +17,7 @@ Writes DIR/kernels.csv (or --csv), DIR/roofline.png (or --chart) and DIR/kernels
 DIR = --out (default out/bench_kernels).
 --trace (one selected kernel direction and shape): DIR/trace_<kernel>_<dir>_<model>.png, an engine timeline
 (Gantt), and .json, the same timeline as a Chrome trace (chrome://tracing, https://ui.perfetto.dev).
+--baseline CSV (an earlier run's): adds its estimate ("before us") and the speedup per row of the same shape.
 --measure: on a Neuron host with the real nki, also time each kernel on the device (bench_kernels.device;
 untested here) and print it beside the estimate; refused where there is no device.
 Other benchmarks: python -m bench_kernels.estimate (any kernel file), python -m bench_kernels.interp.
@@ -28,7 +30,7 @@ import sys
 import time
 
 from bench_kernels.kernel_report import (CSV_COLUMNS, KERNELS, MODELS, SEQ, TP, format_markdown, format_table,
-                                         measure_one, select, target_pct)
+                                         measure_one, read_baseline, select, target_pct)
 
 PROG = "python -m bench_kernels"
 DEFAULT_OUT = os.path.join("out", "bench_kernels")
@@ -68,6 +70,8 @@ def _parser():
     ap.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
     ap.add_argument("--csv", metavar="FILE", help="CSV file (default OUT/kernels.csv)")
     ap.add_argument("--chart", metavar="FILE", help="percent-of-roofline PNG (default OUT/roofline.png)")
+    ap.add_argument("--baseline", metavar="CSV", help="an earlier run's CSV: show its estimate ('before') and the "
+                                                      "speedup of each row with the same kernel, direction and shape")
     ap.add_argument("--trace", action="store_true", help="write the engine timeline (Gantt PNG + Chrome trace JSON) "
                                                          "of the one selected kernel direction and shape")
     ap.add_argument("--trace-window", metavar="A:B", help="microseconds shown in the timeline's zoomed panel")
@@ -113,6 +117,10 @@ def run(args):
     if args.seq < 1:
         raise UsageError(f"--seq {args.seq}: must be >= 1")
     window = _window(args.trace_window)
+    try:
+        baseline = read_baseline(args.baseline) if args.baseline else {}
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     if args.trace and len(jobs) != 1:
         raise UsageError(f"--trace writes one kernel's timeline but {len(jobs)} are selected: choose one with "
                          "--kernel, --direction and --shape")
@@ -128,6 +136,9 @@ def run(args):
         bar.set_postfix_str(f"{kernel} {direction} {model}")
         try:
             row = measure_one(kernel, direction, model, seq=args.seq, keep_report=args.trace)
+            shape, before = baseline.get((kernel, direction, model), (None, None))
+            if shape == row.shape:                     # same kernel at the same shape (and sequence)
+                row.baseline_us = before
             if args.measure:
                 from bench_kernels import device
                 row.measured_us = device.measure(kernel, direction, model, args.seq, args.warmup, args.iters,

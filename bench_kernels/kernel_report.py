@@ -243,6 +243,7 @@ class Row:
     wall_s: float                # interpreter CPU wall time
     model_s: float               # cost-model wall time
     measured_us: float | None = None   # on a Neuron device (bench_kernels.device), else None
+    baseline_us: float | None = None   # est_us of the same row in a --baseline CSV (an earlier run), else None
     report: object = dataclasses.field(default=None, repr=False)   # CostReport when kept
 
     @property
@@ -269,6 +270,7 @@ class Row:
         d.update(n_total=sum(self.engines.values()), hbm_read=self.hbm_read, hbm_written=self.hbm_written,
                  min_bytes=self.min_bytes, hbm_ratio=round(self.ratio, 4),
                  measured_us="" if self.measured_us is None else round(self.measured_us, 3),
+                 baseline_us="" if self.baseline_us is None else round(self.baseline_us, 3),
                  wall_s=round(self.wall_s, 3), model_s=round(self.model_s, 3))
         return d
 
@@ -309,14 +311,27 @@ def measure(kernel: str, model: str = "7b", dtype: torch.dtype = torch.bfloat16,
             for d in (table or KERNELS)[kernel].directions]
 
 
+def _baseline_cells(r, on):
+    """'before us' and 'speedup' (baseline / estimate) cells when a baseline is shown."""
+    if not on:
+        return []
+    if r.baseline_us is None:
+        return ["-", "-"]
+    return [f"{r.baseline_us:.1f}", f"{r.baseline_us / r.est_us:.2f}x"]
+
+
 def format_table(rows: list[Row]) -> str:
     measured = any(r.measured_us is not None for r in rows)
-    head = ["kernel", "dir", "model", "shape", "est us", *(["measured us"] if measured else []), "floor us",
+    base = any(r.baseline_us is not None for r in rows)
+    head = ["kernel", "dir", "model", "shape", *(["before us"] if base else []), "est us",
+            *(["speedup"] if base else []), *(["measured us"] if measured else []), "floor us",
             "% roof", "bound", *(f"{e} %" for e in BUSY_ENGINES), "HBM/min", "instrs", "wall s"]
     body = []
     for r in rows:
         meas = [] if not measured else ["-" if r.measured_us is None else f"{r.measured_us:.1f}"]
-        body.append([r.kernel, r.direction, r.model, r.shape, f"{r.est_us:.1f}", *meas, f"{r.floor_us:.1f}",
+        b = _baseline_cells(r, base)
+        body.append([r.kernel, r.direction, r.model, r.shape, *b[:1], f"{r.est_us:.1f}", *b[1:], *meas,
+                     f"{r.floor_us:.1f}",
                      f"{r.pct_roofline:.1f}" + ("!" if r.impossible else ""), r.bound,
                      *(f"{r.busy.get(e, 0.0):.0f}" for e in BUSY_ENGINES), f"{r.ratio:.3f}",
                      f"{sum(r.engines.values()):,}", f"{r.wall_s:.2f}"])
@@ -330,12 +345,35 @@ def format_table(rows: list[Row]) -> str:
 def format_markdown(rows: list[Row]) -> str:
     """The table as Markdown (for the README): kernel, direction, model, estimate, floor, % of roofline, target,
     bound, busy % per engine, HBM bytes / minimum."""
-    head = ["kernel", "dir", "model", "est us", "floor us", "% roof", "target %", "bound",
-            *(f"{e} %" for e in BUSY_ENGINES), "HBM/min"]
+    base = any(r.baseline_us is not None for r in rows)
+    head = ["kernel", "dir", "model", *(["before us"] if base else []), "est us", *(["speedup"] if base else []),
+            "floor us", "% roof", "target %", "bound", *(f"{e} %" for e in BUSY_ENGINES), "HBM/min"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in rows:
-        cells = [r.kernel, r.direction, r.model, f"{r.est_us:.1f}", f"{r.floor_us:.1f}", f"{r.pct_roofline:.1f}",
+        b = _baseline_cells(r, base)
+        cells = [r.kernel, r.direction, r.model, *b[:1], f"{r.est_us:.1f}", *b[1:], f"{r.floor_us:.1f}",
+                 f"{r.pct_roofline:.1f}",
                  f"{target_pct(r.kernel, r.direction):.0f}", r.bound,
                  *(f"{r.busy.get(e, 0.0):.0f}" for e in BUSY_ENGINES), f"{r.ratio:.3f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def read_baseline(path: str) -> dict:
+    """{(kernel, direction, model): (shape, est_us)} from a CSV this report wrote. ValueError when unreadable."""
+    import csv
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except OSError as e:
+        raise ValueError(f"--baseline {path}: {e.strerror}") from None
+    need = ("kernel", "direction", "model", "shape", "est_us")
+    if rows and any(k not in rows[0] for k in need):
+        raise ValueError(f"--baseline {path}: not a bench_kernels CSV (needs columns {', '.join(need)})")
+    out = {}
+    for i, r in enumerate(rows, 2):
+        try:
+            out[(r["kernel"], r["direction"], r["model"])] = (r["shape"], float(r["est_us"]))
+        except ValueError:
+            raise ValueError(f"--baseline {path} line {i}: est_us {r['est_us']!r} is not a number") from None
+    return out

@@ -73,6 +73,22 @@ def test_report_cli_small_shape_writes_csv_and_chart(tmp_path, capsys):
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]         # no temporary files left
 
 
+def test_baseline_csv_gives_before_and_speedup(tmp_path, capsys):
+    first, second = tmp_path / "a", tmp_path / "b"
+    argv = ["--kernel", "swiglu", "--direction", "fwd", "--shape", "7b", "--seq", "128", "--no-progress"]
+    assert report_cli.main([*argv, "--out", str(first)]) == 0
+    assert report_cli.main([*argv, "--out", str(second), "--baseline", str(first / "kernels.csv")]) == 0
+    out = capsys.readouterr().out
+    (a,), (b,) = _rows(first / "kernels.csv")[1], _rows(second / "kernels.csv")[1]
+    assert a["baseline_us"] == "" and float(b["baseline_us"]) == float(a["est_us"])
+    assert "before us" in out and "1.00x" in out          # the model is deterministic: the same kernel, 1.00x
+    # a baseline at another sequence length is another shape: not compared
+    assert report_cli.main([*argv[:-3], "--seq", "256", "--no-progress", "--out", str(second), "--baseline",
+                            str(first / "kernels.csv")]) == 0
+    (c,) = _rows(second / "kernels.csv")[1]
+    assert c["baseline_us"] == ""
+
+
 def test_attention_useful_flops_count_only_unmasked_pairs():
     from bench_kernels.kernel_report import direction_spec
     s = rank_shapes("70b", 300)
@@ -119,6 +135,7 @@ def test_trace_writes_gantt_and_valid_chrome_trace(tmp_path, capsys):
     (["--kernel", "rope", "--direction", "fwd", "--shape", "7b", "--trace", "--trace-window", "9"],
      ["--trace-window '9'"]),
     (["--kernel", "rope", "--shape", "7b", "--seq", "128", "--measure"], ["--measure: no Neuron device"]),
+    (["--baseline", "/nonexistent/kernels.csv"], ["--baseline /nonexistent/kernels.csv", "No such file"]),
 ])
 def test_report_cli_bad_input_one_line(argv, needles, capsys, tmp_path):
     rc = report_cli.main([*argv, "--out", str(tmp_path), "--no-progress"])
