@@ -169,14 +169,16 @@ def _transpose_cols(dst_sb, src, rows, width, t_ps):
 
 def _load_transposed(dst_t, src, n_rows, stage, t_ps, rows_dst=None):
     """dst_t [D, n_rows] = src[0:n_rows, :]^T for an HBM matrix src [S, D], 512 rows per DMA and transpose group;
-    if rows_dst [128, n_tiles, D] is given the row tiles are kept there too (stage is then unused)."""
+    if rows_dst [128, n_tiles, D] is given the row tiles are kept there too (stage is then unused); stage may be a
+    list of staging tiles, used in turn (the next group's DMA then overlaps this group's transposes)."""
+    stages = stage if isinstance(stage, list) else [stage]
     for r0 in range(0, n_rows, _CHUNK_TILES * _P):
         rows = min(_CHUNK_TILES * _P, n_rows - r0)
         if rows_dst is not None:
             t0 = r0 // _P
             buf = rows_dst[:, t0:t0 + (rows + _P - 1) // _P, :]
         else:
-            buf = stage
+            buf = stages[(r0 // (_CHUNK_TILES * _P)) % len(stages)]
         _load_rows(buf, src, r0, rows)
         _transpose_rows(dst_t, r0, buf, rows, t_ps[(r0 // (_CHUNK_TILES * _P)) % 2])
 
@@ -306,7 +308,29 @@ def _tile_groups(n_rows):
     return ([(_P, 0, full)] if full else []) + ([(tail, full, full + 1)] if tail else [])
 
 
-def _bwd_chunk_prep(cb, dt, nrk, n_rows, tl_ps):
+def _bwd_chunk_jobs(cb, srcs, r0, n_rows, nrk, tl_ps):
+    """The input work of one query chunk as a list of closures, so that the next chunk's work can be emitted
+    one piece per pipeline step of the current chunk (each engine's queue then interleaves it with the units
+    instead of stalling at the chunk boundary): loads of q, do, o, lse; q^T, do^T by TensorE transposes, 512
+    rows per job; then _bwd_chunk_prep. srcs = (q, do, o, lse) HBM views of the head."""
+    qh, doh, oh, lseh = srcs
+
+    def loads():
+        _load_rows(cb["q_rows"], qh, r0, n_rows)
+        _load_rows(cb["do_rows"], doh, r0, n_rows)
+        _load_rows(cb["o_rows"], oh, r0, n_rows)
+        _load_cols(cb["lse"], lseh, r0, n_rows)
+    jobs = [loads]
+    for g0 in range(0, n_rows, _CHUNK_TILES * _P):
+        g_rows, t0 = min(_CHUNK_TILES * _P, n_rows - g0), g0 // _P
+        for name, rows_t in (("q_t", "q_rows"), ("do_t", "do_rows")):
+            jobs.append(lambda name=name, rows_t=rows_t, g0=g0, g_rows=g_rows, t0=t0: _transpose_rows(
+                cb[name], g0, cb[rows_t][:, t0:t0 + _CHUNK_TILES, :], g_rows, tl_ps))
+    jobs.append(lambda: _bwd_chunk_prep(cb, nrk, n_rows, tl_ps))
+    return jobs
+
+
+def _bwd_chunk_prep(cb, nrk, n_rows, tl_ps):
     """Per query chunk: neg_lse = -lse (the exp bias) and the stationary rows of the -Dlt rank update,
     Dlt = rowsum(do * o) in fp32. bf16: -Dlt = hi + lo (hi = bf16(-Dlt), lo = bf16(-Dlt - hi)), so the fp32
     PSUM sum dp + hi + lo carries -Dlt to ~2^-16 relative; fp32: the one row -Dlt. dl_rows[r, i*128 + p] is
@@ -361,7 +385,7 @@ def flash_bwd(q, k, v, o, do, lse, causal=True, softmax_scale=1.0):
     dv_ps = nl.ndarray((_P, 2, NSUB, D), dtype=f32, buffer=nl.psum)
     dk_ps = nl.ndarray((_P, 2, NSUB, D), dtype=f32, buffer=nl.psum)
     dq_ps = nl.ndarray((_P, CT, D), dtype=f32, buffer=nl.psum)
-    t_ps = nl.ndarray((_P, 2, NSUB * _P), dtype=dt, buffer=nl.psum)
+    t_ps = nl.ndarray((_P, 2 * NSUB * _P), dtype=dt, buffer=nl.psum)   # dS^T of two units / load transposes
     tl_ps = nl.ndarray((_P, _CHUNK_TILES * _P), dtype=dt, buffer=nl.psum)
 
     k_rows = nl.ndarray((_P, T, D), dtype=dt, buffer=nl.sbuf)
@@ -369,7 +393,7 @@ def flash_bwd(q, k, v, o, do, lse, causal=True, softmax_scale=1.0):
     v_t = nl.ndarray((D, S), dtype=dt, buffer=nl.sbuf)
     dk_acc = nl.ndarray((_P, T, D), dtype=f32, buffer=nl.sbuf)
     dv_acc = nl.ndarray((_P, T, D), dtype=f32, buffer=nl.sbuf)
-    stage = nl.ndarray((_P, _CHUNK_TILES, D), dtype=dt, buffer=nl.sbuf)
+    stage = [nl.ndarray((_P, _CHUNK_TILES, D), dtype=dt, buffer=nl.sbuf) for _ in range(2)]
     ones = nl.ndarray((nrk, BLK), dtype=dt, buffer=nl.sbuf)
     nisa.memset(dst=ones, value=1.0)
     chunk_bufs = [dict(q_rows=nl.ndarray((_P, CT, D), dtype=dt, buffer=nl.sbuf),
@@ -392,25 +416,23 @@ def flash_bwd(q, k, v, o, do, lse, causal=True, softmax_scale=1.0):
 
     for b in range(B):
         for g in range(Hkv):
-            _load_transposed(k_t, k[b, g], S, stage, [tl_ps, tl_ps], rows_dst=k_rows)
-            _load_transposed(v_t, v[b, g], S, stage, [tl_ps, tl_ps])
+            _load_transposed(k_t, k[b, g], S, stage, [tl_ps, t_ps], rows_dst=k_rows)
+            _load_transposed(v_t, v[b, g], S, stage, [tl_ps, t_ps])
             nisa.memset(dst=dk_acc, value=0.0)
             nisa.memset(dst=dv_acc, value=0.0)
-            for h in range(g * G, (g + 1) * G):
-                for r0 in range(0, S, CH):
-                    n_rows = min(CH, S - r0)
+            chunks = [(h, r0, min(CH, S - r0), chunk_bufs[(n_chunks + ci) % 2])
+                      for ci, (h, r0) in enumerate((h, r0) for h in range(g * G, (g + 1) * G)
+                                                   for r0 in range(0, S, CH))]
+            n_chunks += len(chunks)
+
+            def jobs_of(ci):
+                h, r0, n_rows, cb = chunks[ci]
+                return _bwd_chunk_jobs(cb, (q[b, h], do[b, h], o[b, h], lse[b, h]), r0, n_rows, nrk, tl_ps)
+            for job in jobs_of(0):
+                job()
+            for ci, (h, r0, n_rows, cb) in enumerate(chunks):
+                if True:
                     tiles = _tiles(n_rows)
-                    cb = chunk_bufs[n_chunks % 2]
-                    n_chunks += 1
-                    _load_rows(cb["q_rows"], q[b, h], r0, n_rows)
-                    _load_rows(cb["do_rows"], do[b, h], r0, n_rows)
-                    _load_rows(cb["o_rows"], o[b, h], r0, n_rows)
-                    _load_cols(cb["lse"], lse[b, h], r0, n_rows)
-                    for g0 in range(0, n_rows, _CHUNK_TILES * _P):
-                        g_rows, t0 = min(_CHUNK_TILES * _P, n_rows - g0), g0 // _P
-                        for name, rows_t in (("q_t", "q_rows"), ("do_t", "do_rows")):
-                            _transpose_rows(cb[name], g0, cb[rows_t][:, t0:t0 + _CHUNK_TILES, :], g_rows, tl_ps)
-                    _bwd_chunk_prep(cb, dt, nrk, n_rows, tl_ps)
                     units = []                 # (block index, j0, w, tile i, i0, rows, q0, last unit of block)
                     for j0 in range(0, r0 + n_rows if causal else S, BLK):
                         blk = []
@@ -421,8 +443,9 @@ def flash_bwd(q, k, v, o, do, lse, causal=True, softmax_scale=1.0):
                         blk[-1][-1] = True
                         units += blk
                         n_blocks += 1
+                    side = jobs_of(ci + 1) if ci + 1 < len(chunks) else []
                     _bwd_pipeline(units, cb, S, causal, c, nrk, k_t, v_t, k_rows, ones, dk_acc, dv_acc,
-                                  s_ps, dp_ps, dv_ps, dk_ps, dq_ps, t_ps, p_sb, ds_sb, ds_t)
+                                  s_ps, dp_ps, dv_ps, dk_ps, dq_ps, t_ps, p_sb, ds_sb, ds_t, side)
                     # dq = c * sum_blocks ds @ k, one rounding to dt
                     for rows, t0, t1 in _tile_groups(n_rows):
                         nisa.activation(dst=cb["dq_sb"][0:rows, t0:t1, :], op=nl.copy,
@@ -441,9 +464,10 @@ def flash_bwd(q, k, v, o, do, lse, causal=True, softmax_scale=1.0):
 
 
 def _bwd_pipeline(units, cb, S, causal, c, nrk, k_t, v_t, k_rows, ones, dk_acc, dv_acc,
-                  s_ps, dp_ps, dv_ps, dk_ps, dq_ps, t_ps, p_sb, ds_sb, ds_t):
+                  s_ps, dp_ps, dv_ps, dk_ps, dq_ps, t_ps, p_sb, ds_sb, ds_t, side_jobs):
     """The units of one query chunk, stage A of unit u emitted with stage B of u-1 and stage C of u-2 (buffers
-    by unit parity; dK/dV PSUM by block parity, flushed to the SBUF accumulators after a block's last unit)."""
+    by unit parity; dK/dV PSUM by block parity, flushed to the SBUF accumulators after a block's last unit);
+    side_jobs (the next chunk's input work) one per step from the third step on, the rest at the end."""
     dq_started = set()
     kv_started = {}
 
@@ -467,35 +491,36 @@ def _bwd_pipeline(units, cb, S, causal, c, nrk, k_t, v_t, k_rows, ones, dk_acc, 
                                cmp_op=nl.greater_equal, offset=0, name="causal_mask")
         # ds = p * (dp - Dlt) (fp32), rounded to dt
         nisa.tensor_tensor(dst=ds_sb[0:rows, x, 0:w], data1=dp_ps[0:rows, x, 0:w], data2=p_sb[0:rows, x, 0:w],
-                           op=nl.multiply)
+                           op=nl.multiply, name="ds")
 
     def stage_b(u, unit):
         bi, j0, w, i, i0, rows, q0, last = unit
         x, pb = u % 2, bi % 2
+        tx = x * _BWD_BLOCK
         subs = _tiles(w)
         for jj, (k0, kw) in enumerate(subs):
             acc = (bi, jj) in kv_started
             kv_started[(bi, jj)] = True
             nisa.nc_matmul(dst=dv_ps[0:kw, pb, jj, :], stationary=p_sb[0:rows, x, k0:k0 + kw],
-                           moving=cb["do_rows"][0:rows, i, :], accumulate=acc)
+                           moving=cb["do_rows"][0:rows, i, :], accumulate=acc, name="dv")
             nisa.nc_matmul(dst=dk_ps[0:kw, pb, jj, :], stationary=ds_sb[0:rows, x, k0:k0 + kw],
-                           moving=cb["q_rows"][0:rows, i, :], accumulate=acc)
+                           moving=cb["q_rows"][0:rows, i, :], accumulate=acc, name="dk")
         for jj, (k0, kw) in enumerate(subs):
-            nisa.nc_transpose(dst=t_ps[0:kw, x, jj * rows:(jj + 1) * rows], data=ds_sb[0:rows, x, k0:k0 + kw])
+            nisa.nc_transpose(dst=t_ps[0:kw, tx + jj * rows:tx + (jj + 1) * rows], data=ds_sb[0:rows, x, k0:k0 + kw])
         n_full = sum(1 for _, kw in subs if kw == _P)
         if n_full:
-            nisa.activation(dst=ds_t[:, x, 0:n_full * rows], op=nl.copy, data=t_ps[:, x, 0:n_full * rows])
+            nisa.activation(dst=ds_t[:, x, 0:n_full * rows], op=nl.copy, data=t_ps[:, tx:tx + n_full * rows])
         if n_full < len(subs):
             kw = subs[-1][1]
             nisa.activation(dst=ds_t[0:kw, x, n_full * rows:(n_full + 1) * rows], op=nl.copy,
-                            data=t_ps[0:kw, x, n_full * rows:(n_full + 1) * rows])
+                            data=t_ps[0:kw, tx + n_full * rows:tx + (n_full + 1) * rows])
         if last:                      # dK/dV of this block into the fp32 SBUF accumulators
             t0 = j0 // _P
             for rows_k, s0, s1 in _tile_groups(min(S - j0, _BWD_BLOCK)):
                 for acc_t, ps in ((dv_acc, dv_ps), (dk_acc, dk_ps)):
                     nisa.tensor_tensor(dst=acc_t[0:rows_k, t0 + s0:t0 + s1, :],
                                        data1=acc_t[0:rows_k, t0 + s0:t0 + s1, :],
-                                       data2=ps[0:rows_k, pb, s0:s1, :], op=nl.add)
+                                       data2=ps[0:rows_k, pb, s0:s1, :], op=nl.add, name="dkv_flush")
 
     def stage_c(u, unit):
         bi, j0, w, i, i0, rows, q0, _ = unit
@@ -506,6 +531,8 @@ def _bwd_pipeline(units, cb, S, causal, c, nrk, k_t, v_t, k_rows, ones, dk_acc, 
             dq_started.add(i)
 
     n = len(units)
+    side_jobs = list(side_jobs)
+    start = max(2, n // 3)        # the next chunk's loads (WAR on the chunk before this one) have landed by then
     for t in range(n + 2):
         if t < n:
             stage_a(t, units[t])
@@ -513,6 +540,10 @@ def _bwd_pipeline(units, cb, S, causal, c, nrk, k_t, v_t, k_rows, ones, dk_acc, 
             stage_b(t - 1, units[t - 1])
         if 0 <= t - 2 < n:
             stage_c(t - 2, units[t - 2])
+        if t >= start and side_jobs:
+            side_jobs.pop(0)()
+    for job in side_jobs:
+        job()
 
 
 # --------------------------------------------------------------------------- torch-level launchers
