@@ -185,7 +185,7 @@ def _report(args, rows, window):
         r = rows[0]
         prefix = os.path.join(args.out, f"trace_{r.kernel}_{r.direction}_{r.model}")
         title = f"{r.kernel} {r.direction}, Llama 2 {r.model} per-rank {r.shape} {r.dtype}"
-        png, js = charts.write_timeline(prefix, r.report, title, window)
+        png, js = charts.write_timeline(prefix, r.report, title, window, r.labels)
         print(r.report.summary())
         print(f"wrote {png} (engine timeline), {js} (Chrome trace: chrome://tracing or https://ui.perfetto.dev)")
 

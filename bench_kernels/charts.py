@@ -104,13 +104,32 @@ def _queues(timeline):
     return [q for q in _COMPUTE if q in used] + dma
 
 
-def _draw_timeline(ax, timeline, queues, colours, t0, t1):
+def dma_labels(instructions):
+    """{index: "dma_copy load" | "dma_copy store" | "dma_copy"} for the DMAs of a trace: the Gantt chart colours
+    loads (HBM -> on-chip) and stores (on-chip -> HBM) apart, which is what a software pipeline is read by."""
+    hbm = ("hbm", "private_hbm", "shared_hbm")
+    out = {}
+    for i, ins in enumerate(instructions):
+        if ins.engine != "dma":
+            continue
+        bufs = {o.role: o.buffer for o in ins.operands}
+        src_hbm, dst_hbm = bufs.get("src") in hbm, bufs.get("dst") in hbm
+        out[i] = f"{ins.op} load" if src_hbm and not dst_hbm else (
+            f"{ins.op} store" if dst_hbm and not src_hbm else ins.op)
+    return out
+
+
+def _op(e, labels):
+    return labels.get(e.index, e.op) if labels else e.op
+
+
+def _draw_timeline(ax, timeline, queues, colours, t0, t1, labels=None):
     rows = {q: i for i, q in enumerate(queues)}
     bars = {}
     for e in timeline:
         if e.end_us < t0 or e.start_us > t1:
             continue
-        bars.setdefault((e.queue, e.op), []).append((e.start_us, max(e.end_us - e.start_us, 1e-4)))
+        bars.setdefault((e.queue, _op(e, labels)), []).append((e.start_us, max(e.end_us - e.start_us, 1e-4)))
     for (q, op), spans in bars.items():
         y = len(queues) - 1 - rows[q]
         ax.broken_barh(spans, (y - 0.4, 0.8), facecolors=colours[op], edgecolor="none")
@@ -129,24 +148,25 @@ def _colour(plt, i):
     return plt.get_cmap("tab20b")(((i - 10) * 3) % 20)
 
 
-def gantt_chart(path, report, title, window=None):
+def gantt_chart(path, report, title, window=None, labels=None):
     """Engine timeline of one CostReport: one row per queue (compute engines, then DMA queues), bars coloured by
     instruction op, time in microseconds. Top panel: the whole kernel; bottom panel: ``window`` = (start_us,
-    end_us), by default a twentieth of the kernel around its middle, where the steady state shows."""
+    end_us), by default a twentieth of the kernel around its middle, where the steady state shows. ``labels``
+    ({instruction index: legend label}, e.g. ``dma_labels(trace.instructions)``) refines the colouring."""
     plt = _pyplot()
     tl = report.timeline
     queues = _queues(tl)
-    ops = sorted({e.op for e in tl})
+    ops = sorted({_op(e, labels) for e in tl})
     colours = {op: _colour(plt, i) for i, op in enumerate(ops)}
     total = report.total_us
     if window is None:
         w = max(total / 20, min(total, 5.0))
         window = (max(0.0, total / 2 - w / 2), min(total, total / 2 + w / 2))
     fig, axes = plt.subplots(2, 1, figsize=(13, 2 * (0.22 * len(queues) + 1.2) + 1.0))
-    _draw_timeline(axes[0], tl, queues, colours, 0.0, total)
+    _draw_timeline(axes[0], tl, queues, colours, 0.0, total, labels)
     axes[0].axvspan(*window, color="black", alpha=0.08)
     axes[0].set_title(f"whole kernel: {total:.1f} us, bound: {report.bound} (shaded: the window below)", fontsize=9)
-    _draw_timeline(axes[1], tl, queues, colours, *window)
+    _draw_timeline(axes[1], tl, queues, colours, *window, labels)
     axes[1].set_title(f"window {window[0]:.1f}-{window[1]:.1f} us", fontsize=9)
     handles = [plt.Rectangle((0, 0), 1, 1, color=colours[op]) for op in ops]
     fig.legend(handles, ops, loc="upper right", fontsize=8, ncol=1, title="op", title_fontsize=8)
@@ -157,11 +177,14 @@ def gantt_chart(path, report, title, window=None):
     plt.close(fig)
 
 
-def write_timeline(prefix, report, title, window=None):
+def write_timeline(prefix, report, title, window=None, labels=None):
     """``prefix``.png (Gantt) and ``prefix``.json (Chrome trace) of one CostReport; returns both paths."""
     png, js = prefix + ".png", prefix + ".json"
-    gantt_chart(png, report, title, window)
+    gantt_chart(png, report, title, window, labels)
     trace = report.chrome_trace()
+    for ev in trace["traceEvents"]:                   # loads / stores apart, as in the PNG
+        if ev["ph"] == "X" and labels and ev["args"]["index"] in labels:
+            ev["name"] = labels[ev["args"]["index"]] + ev["name"][len(report.ops[ev["args"]["index"]]):]
     trace.setdefault("otherData", {})["title"] = title
     write_json(js, trace)
     return png, js

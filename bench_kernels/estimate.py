@@ -261,7 +261,7 @@ def main(argv=None):
           f"{min_bytes:,} B / HBM bandwidth): {100 * floor / rep.total_us:.1f}% of the estimate")
     if a.trace:
         from bench_kernels import charts
-        png, js = charts.write_timeline(a.trace, rep, a.target)
+        png, js = charts.write_timeline(a.trace, rep, a.target, labels=charts.dma_labels(tr.instructions))
         print(f"wrote {png} (engine timeline), {js} (Chrome trace)")
     return 0
 

@@ -245,6 +245,7 @@ class Row:
     measured_us: float | None = None   # on a Neuron device (bench_kernels.device), else None
     baseline_us: float | None = None   # est_us of the same row in a --baseline CSV (an earlier run), else None
     report: object = dataclasses.field(default=None, repr=False)   # CostReport when kept
+    labels: dict = dataclasses.field(default=None, repr=False)     # timeline labels (charts.dma_labels) when kept
 
     @property
     def ratio(self) -> float:
@@ -301,7 +302,12 @@ def measure_one(kernel: str, direction: str, model: str = "7b", seq: int = SEQ, 
                floor_us=cost.roofline_floor_us(flops, min_bytes, fp32=dtype == torch.float32), bound=rep.bound,
                busy={e: rep.busy_pct.get(e, 0.0) for e in BUSY_ENGINES},
                tensor_flops_pct=rep.tensor_util["flops_pct"], wall_s=wall, model_s=model_s,
-               report=rep if keep_report else None)
+               report=rep if keep_report else None, labels=_labels(tr) if keep_report else None)
+
+
+def _labels(tr):
+    from bench_kernels.charts import dma_labels
+    return dma_labels(tr.instructions)
 
 
 def measure(kernel: str, model: str = "7b", dtype: torch.dtype = torch.bfloat16, seq: int = SEQ,

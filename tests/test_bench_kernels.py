@@ -123,6 +123,8 @@ def test_trace_writes_gantt_and_valid_chrome_trace(tmp_path, capsys):
     assert len(compute) == n_compute                          # one span per compute instruction
     dma = {e["args"]["index"] for e in spans if names[e["tid"]].startswith("dma")}
     assert len(dma) == int(row["n_dma"])                      # every transfer on at least one DMA queue
+    kinds = {e["name"] for e in spans if names[e["tid"]].startswith("dma")}
+    assert {"dma_copy load", "dma_copy store"} <= kinds      # q, k, v loaded; o, lse stored
     import matplotlib.pyplot as plt
     assert plt.imread(tmp_path / "trace_attention_fwd_13b.png").shape[0] > 200
 
