@@ -23,7 +23,6 @@ from __future__ import annotations
 import inspect
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from llama.config import LlamaConfig
@@ -110,6 +109,8 @@ def check_layout(cfg: LlamaConfig, world: int, tp: int, pp: int, schedule: str =
                             f"{tp * pp} (world = tp x pp x dp)")
     if schedule not in SCHEDULES:
         raise ParallelError(f"pipeline layout: schedule {schedule!r} is not one of {', '.join(SCHEDULES)}")
+    if virtual > 1 and pp == 1:
+        raise ParallelError(f"pipeline layout: {virtual} virtual stages need pp > 1")
     if virtual > 1 and schedule != "interleaved":
         raise ParallelError(f"pipeline layout: {virtual} virtual stages per rank need the 'interleaved' schedule, "
                             f"not {schedule!r}")
@@ -280,5 +281,6 @@ class Pipeline:
         return [(n, p) for s in self.stages for n, p in s.named_parameters()]
 
 
-__all__ = ["SCHEDULES", "LocalModel", "Pipeline", "StageModule", "check_layout", "layer_params", "split_layers", "split_stages",
+__all__ = ["SCHEDULES", "LocalModel", "Pipeline", "StageModule", "check_layout", "layer_params", "split_layers",
+           "split_stages",
            "stage_indices"]

@@ -368,11 +368,11 @@ def seed_comparison(seq=4096, global_batch=256, hw=TRN1) -> str:
     return "\n".join(lines)
 
 
-ASSUMPTIONS = """assumptions: bf16 parameters, gradients and activations, fp32 AdamW moments (bf16-sr recipe); micro-batch 1;
-sequence parallelism whenever TP > 1; 1F1B pipeline; the NKI kernels' saved tensors; eager-PyTorch buffers (XLA may
-fuse or rematerialise differently); compute at 95 TFLOPS per core with no kernel inefficiency; communication not
-overlapped with compute, ring collectives at the documented link rates, no latency term; 16 GiB per core with no
-reserve for the Neuron runtime, compiled graphs or collectives' scratch space."""
+ASSUMPTIONS = """assumptions: bf16 parameters, gradients and activations, fp32 AdamW moments (bf16-sr recipe);
+micro-batch 1; sequence parallelism whenever TP > 1; 1F1B pipeline; the NKI kernels' saved tensors; eager-PyTorch
+buffers (XLA may fuse or rematerialise differently); compute at 95 TFLOPS per core with no kernel inefficiency;
+communication not overlapped with compute, ring collectives at the documented link rates, no latency term; 16 GiB
+per core with no reserve for the Neuron runtime, compiled graphs or collectives' scratch space."""
 
 
 def main(argv=None) -> int:

@@ -135,7 +135,8 @@ def _hf_checks(rank, ckpt, out_dir):
     want = [n for n in _model().state_dict() if (n.startswith("embed") or n.startswith("layers.0.")
                                                   or n.startswith("layers.1.")) == (rank == 0)]
     errs = {"from_hf stage names": float(sorted(mine) != sorted(want))}
-    errs["from_hf stage bits"] = float(any(not torch.equal(p.detach(), src[llama.hf.hf_name(n)]) for n, p in mine.items()))
+    errs["from_hf stage bits"] = float(any(not torch.equal(p.detach(), src[llama.hf.hf_name(n)])
+                                           for n, p in mine.items()))
     llama.to_hf(local, out_dir, pp_group=pp_group)
     dist.barrier()
     if rank == 0:

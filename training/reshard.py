@@ -31,12 +31,13 @@ def layout_of(meta: dict) -> tuple[int, int, int]:
 def check_reshardable(path: str, meta: dict, tp: int, pp: int, dp: int, zero1: bool) -> None:
     old_tp, old_pp, old_dp = layout_of(meta)
     if old_dp != dp:
-        raise ckpt.CheckpointError(f"checkpoint {path} was written with dp {old_dp}; resuming under dp {dp} would change "
-                                   f"the data order (rule: a resharded resume keeps the DP degree; change tp / pp only)")
+        raise ckpt.CheckpointError(f"checkpoint {path} was written with dp {old_dp}; resuming under dp {dp} would "
+                                   f"change the data order (rule: a resharded resume keeps the DP degree; change tp / "
+                                   f"pp only)")
     if zero1:
         raise ckpt.CheckpointError(f"checkpoint {path}: resuming under another layout (tp {old_tp} -> {tp}, pp "
-                                   f"{old_pp} -> {pp}) is not supported with ZeRO-1 (its optimizer shards follow the DP "
-                                   f"partition, not parameter names); resume in the saved layout")
+                                   f"{old_pp} -> {pp}) is not supported with ZeRO-1 (its optimizer shards follow the "
+                                   f"DP partition, not parameter names); resume in the saved layout")
 
 
 def _saved_states(path, old_tp, old_pp, dp_rank):
