@@ -27,7 +27,8 @@ from kernels.nki_compat import nki, nl, nisa
 
 # Launch limits. MAX_HIDDEN is set by the backward's SBUF budget at fp32 (see rms_norm_bwd_kernel).
 MAX_HIDDEN = 8192
-_FWD_CHUNK = 2048      # free-dim chunk of the forward's per-chunk temporaries
+_FWD_CHUNK_BYTES = 16384   # bytes per partition of the forward's column chunk (whole row at bf16, H <= 8192)
+_VEC_SHARE = 0.34          # share of the x * rstd columns done on VectorE (the rest on ScalarE)
 _BWD_CHUNK = 1024      # free-dim chunk of the backward's fp32 temporaries
 _PSUM_F = 512          # fp32 elements of one PSUM bank per partition (nl.tile_size.psum_fmax on trn1)
 
@@ -56,9 +57,14 @@ def _broadcast_row(w_row_hbm, n_part, width, dtype):
 def rms_norm_fwd_kernel(x, w, eps):
     """x [N, H] (bf16|fp32, HBM), w [1, H] same dtype; returns (y [N, H] x.dtype, rstd [N, 1] fp32).
 
-    SBUF per partition at H = 8192, fp32: w broadcast 32 KiB + x row tile 32 KiB + three 2048-column
-    chunk temporaries of 8 KiB (up to two instances each while a loop rebinds them) <= 112 KiB; the
-    interpreter measures a peak of 96 KiB (fp32) and 48 KiB (bf16). PSUM: one bank (broadcast of w).
+    Software-pipelined over row tiles: stage A (load x, sum of squares, rstd) of tile t + 1 is issued before
+    stage B (x * rstd, * w, store y) of tile t, so ScalarE never waits on its own rstd. Work per element:
+    ScalarE square-and-sum (one instruction per column chunk) plus x * rstd on the columns from _VEC_SHARE
+    on; VectorE x * rstd on the first _VEC_SHARE of the columns and the product with w (bf16 fast path),
+    which balances the two engines (ScalarE 1.4 GHz, VectorE 1.12 GHz) under the HBM time.
+    SBUF per partition at H = 8192 fp32: x ring 2 x 32 KiB + w 32 KiB + 4096-column temporaries (squares
+    8 KiB bf16, x * rstd and y 16 KiB each, two instances while a loop rebinds them) = 168 KiB; at bf16
+    (H <= 8192) a 3-deep x ring: 48 + 16 + 8 + 64 = 136 KiB. PSUM: one bank (broadcast of w).
     """
     n_rows, hidden = x.shape
     P = nl.tile_size.pmax
@@ -69,44 +75,67 @@ def rms_norm_fwd_kernel(x, w, eps):
     w_b = _broadcast_row(w, P, hidden, w.dtype)
     eps_t = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.sbuf)
     nisa.memset(dst=eps_t, value=float(eps))
-    n_chunks = (hidden + _FWD_CHUNK - 1) // _FWD_CHUNK
+    chunk = _FWD_CHUNK_BYTES // dt.itemsize
+    n_chunks = (hidden + chunk - 1) // chunk
+    n_tiles = (n_rows + P - 1) // P
+    n_full = n_rows // P
+    nbuf = 3 if 3 * hidden * dt.itemsize <= 48 * 1024 else 2
+    x_r = nl.ndarray((P, nbuf, hidden), dtype=dt, buffer=nl.sbuf)
+    # rstd of every full row tile, one column per tile, stored with one DMA at the end.
+    rstd_all = nl.ndarray((P, max(1, n_full)), dtype=nl.float32, buffer=nl.sbuf)
 
-    # One row-tile buffer reused by every row tile (single-buffered so that fp32 at H = 8192 fits).
-    x_t = nl.ndarray((P, hidden), dtype=dt, buffer=nl.sbuf)
-    for r0 in range(0, n_rows, P):
-        rows = min(P, n_rows - r0)
-        nisa.dma_copy(dst=x_t[0:rows, :], src=x[r0:r0 + rows, :])
-
-        # Sum of squares on ScalarE: square + free-axis add-reduce in one instruction per chunk,
-        # each chunk's sum into its own column (reset_reduce), then one VectorE reduce over columns.
+    def stage_a(t):
+        r0, rows = t * P, min(P, n_rows - t * P)
+        x_t = x_r[0:rows, t % nbuf, :]
+        nisa.dma_copy(dst=x_t, src=x[r0:r0 + rows, :])
         part = nl.ndarray((P, n_chunks), dtype=nl.float32, buffer=nl.sbuf)
         for c in range(n_chunks):
-            c0 = c * _FWD_CHUNK
-            cw = min(_FWD_CHUNK, hidden - c0)
-            sq = nl.ndarray((P, _FWD_CHUNK), dtype=dt, buffer=nl.sbuf)   # squares are discarded
-            nisa.activation(dst=sq[0:rows, 0:cw], op=nl.square, data=x_t[0:rows, c0:c0 + cw],
-                            reduce_op=nl.add, reduce_res=part[0:rows, c:c + 1],
-                            reduce_cmd=nisa.reduce_cmd.reset_reduce)
-        ss = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.sbuf)
-        nisa.tensor_reduce(dst=ss[0:rows, :], op=nl.add, data=part[0:rows, 0:n_chunks], axis=1,
-                           keepdims=True)
+            c0, cw = c * chunk, min(chunk, hidden - c * chunk)
+            sq = nl.ndarray((P, chunk), dtype=nl.bfloat16, buffer=nl.sbuf)   # squares are discarded
+            nisa.activation(dst=sq[0:rows, 0:cw], op=nl.square, data=x_t[:, c0:c0 + cw], reduce_op=nl.add,
+                            reduce_res=part[0:rows, c:c + 1], reduce_cmd=nisa.reduce_cmd.reset_reduce)
+        ss = part
+        if n_chunks > 1:
+            ss = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.sbuf)
+            nisa.tensor_reduce(dst=ss[0:rows, :], op=nl.add, data=part[0:rows, 0:n_chunks], axis=1,
+                               keepdims=True)
         # rstd = rsqrt(ss / H + eps); on NeuronCore-v2 the activation bias must be a [P, 1] tile.
-        rstd = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.sbuf)
-        nisa.activation(dst=rstd[0:rows, :], op=nl.rsqrt, data=ss[0:rows, :], scale=1.0 / hidden,
-                        bias=eps_t[0:rows, :])
-        nisa.dma_copy(dst=rstd_out[r0:r0 + rows, :], src=rstd[0:rows, :])
+        if t < n_full:
+            rstd = rstd_all[:, t:t + 1]
+        else:
+            rstd = nl.ndarray((P, 1), dtype=nl.float32, buffer=nl.sbuf)[0:rows, :]
+        nisa.activation(dst=rstd, op=nl.rsqrt, data=ss[0:rows, 0:1], scale=1.0 / hidden, bias=eps_t[0:rows, :])
+        if t >= n_full:
+            nisa.dma_copy(dst=rstd_out[r0:r0 + rows, :], src=rstd)
+        return rstd
 
+    def stage_b(t, rstd):
+        r0, rows = t * P, min(P, n_rows - t * P)
+        x_t = x_r[0:rows, t % nbuf, :]
         for c in range(n_chunks):
-            c0 = c * _FWD_CHUNK
-            cw = min(_FWD_CHUNK, hidden - c0)
-            # xn = cast(x * rstd): fp32 math inside the engine, rounded once to x.dtype (Llama's cast).
-            xn = nl.ndarray((P, _FWD_CHUNK), dtype=dt, buffer=nl.sbuf)
-            nisa.tensor_scalar(dst=xn[0:rows, 0:cw], data=x_t[0:rows, c0:c0 + cw],
-                               op0=nl.multiply, operand0=rstd[0:rows, :])
-            y_t = nl.ndarray((P, _FWD_CHUNK), dtype=dt, buffer=nl.sbuf)
-            nisa.tensor_tensor(dst=y_t[0:rows, 0:cw], data1=xn[0:rows, 0:cw],
-                               data2=w_b[0:rows, c0:c0 + cw], op=nl.multiply)
+            c0, cw = c * chunk, min(chunk, hidden - c * chunk)
+            # xn = cast(x * rstd): fp32 math in the engine, rounded once to x.dtype (Llama's cast);
+            # columns [0, v) on VectorE, [v, cw) on ScalarE (activation copy with a per-row scale).
+            v = min(cw, max(0, int(cw * _VEC_SHARE) // 64 * 64))
+            xn = nl.ndarray((P, chunk), dtype=dt, buffer=nl.sbuf)
+            if v:
+                nisa.tensor_scalar(dst=xn[0:rows, 0:v], data=x_t[:, c0:c0 + v], op0=nl.multiply, operand0=rstd)
+            if v < cw:
+                nisa.activation(dst=xn[0:rows, v:cw], op=nl.copy, data=x_t[:, c0 + v:c0 + cw], scale=rstd)
+            y_t = nl.ndarray((P, chunk), dtype=dt, buffer=nl.sbuf)
+            nisa.tensor_tensor(dst=y_t[0:rows, 0:cw], data1=xn[0:rows, 0:cw], data2=w_b[0:rows, c0:c0 + cw],
+                               op=nl.multiply)
             nisa.dma_copy(dst=y[r0:r0 + rows, c0:c0 + cw], src=y_t[0:rows, 0:cw])
+
+    pending = stage_a(0)
+    for t in range(n_tiles):
+        nxt = stage_a(t + 1) if t + 1 < n_tiles else None
+        stage_b(t, pending)
+        pending = nxt
+    if n_full:
+        # rstd_out rows [t * P, (t + 1) * P) are column t of rstd_all: an [n_full, P] HBM block transposed.
+        dst = rstd_out[0:n_full * P, :].reshape((n_full, P)).permute((1, 0))
+        nisa.dma_copy(dst=dst, src=rstd_all[:, 0:n_full])
     return y, rstd_out
 
 
