@@ -1,9 +1,14 @@
 #!/usr/bin/env python
-"""Train (or fine-tune) Llama 2 with tensor x data parallelism: ``python train.py`` or ``torchrun ... train.py``.
+"""Train (or fine-tune) Llama 2 with tensor x pipeline x data parallelism: ``python train.py`` or ``torchrun train.py``.
 
     python train.py                                   # tiny model, embedded corpus, a few minutes on 2 CPU cores
     python train.py --config llama2-7b --kernels nki  # on trn1 (see scripts/trn1/ and docs/trn1.md)
     torchrun --nproc_per_node 4 train.py --tp 2       # TP 2 x DP 2 (gloo on CPU, nccl on CUDA, xla on Neuron)
+    torchrun --nproc_per_node 4 train.py --pp 2       # PP 2 x DP 2: llama.pipeline stages, 1F1B schedule
+
+With --pp the gradient-accumulation micro-batches are the pipeline's micro-batches (torch.distributed.pipelining
+runs them: --pp-schedule gpipe | 1f1b | interleaved with --virtual-stages); the loss is the last stage's, broadcast
+to rank 0 for the metrics.
 
 Flow (``main``, one function per phase): resolve_config -> start_run (threads, process group, kernels, TP/DP
 groups, run directory) -> build_trainable (data, model, parallelize, precision, optimizer, schedule) ->
