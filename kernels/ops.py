@@ -18,6 +18,10 @@ Backends, read at call time:
                reference on this backend when called directly (opcheck tests, torch.library users).
     sim        the NKI kernels of kernels/<op>.py run by the interpreter kernels.sim on CPU tensors
     nki        the same kernels under the real ``nki.jit`` on XLA tensors (trn1); the default on XLA devices
+On the reference backend, CPU float32/bfloat16 rms_norm and swiglu run the native C++ kernels of kernels/native
+when ``kernels.native.enabled()`` (train.py's ``--native``, default auto; the library's default is off): the
+reference's casting order and fp32 arithmetic, bit for bit equal to it in the forward and in RMSNorm's dx and
+SwiGLU's backward formulas (kernels.reference.swiglu_bwd_ref); RMSNorm's dw is summed over rows in another order.
 Chosen by ``use_backend(name)`` (context manager), ``set_backend(name)``, or the environment variable
 ``LLAMA_KERNELS_BACKEND`` (read once, at import). An unknown name is a ValueError. Each backend is logged
 once (logger "kernels.ops") the first time an op runs on it.
@@ -37,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kernels import native
 from kernels import reference as ref
 
 log = logging.getLogger("kernels.ops")
@@ -260,6 +265,8 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-5) -> Tensor:
     if not eps > 0.0:
         raise ValueError(f"kernels.ops.rms_norm: eps must be > 0, got {eps}")
     if _active("rms_norm", (x, weight)) == "reference":
+        if native.enabled() and native.supports(x, weight):
+            return native.rms_norm(x, weight, eps)          # the same numerics in one fused pass (CPU)
         # The reference forward and backward tied by a plain autograd.Function: no custom-op dispatch (the
         # custom op above serves sim/nki and opcheck) and fewer passes than autograd through the formula.
         return _RMSNormReference.apply(x, weight, eps)
@@ -438,6 +445,8 @@ def swiglu(gate: Tensor, up: Tensor) -> Tensor:
     if gate.dtype != up.dtype:
         raise ValueError(f"kernels.ops.swiglu: gate dtype {gate.dtype} differs from up dtype {up.dtype}")
     if _active("swiglu", (gate, up)) == "reference":
+        if native.enabled() and native.supports(gate, up):
+            return native.swiglu(gate, up)
         return ref.swiglu_ref(gate, up)                     # plain autograd, as in rms_norm
     return _swiglu_fwd(gate, up)
 

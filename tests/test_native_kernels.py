@@ -198,3 +198,28 @@ def test_opcheck_and_torch_compile():
     assert_bitwise("compiled forward", compiled.detach(), eager.detach())
     for a, b in zip([t.grad for t in inputs], grads):
         assert_bitwise("compiled grad", a, b)
+
+
+def test_kernels_ops_reference_backend_runs_native_when_enabled(monkeypatch):
+    import kernels.native as kn
+    from kernels import ops
+    calls = []
+    for name in ("native_rms_norm_fwd", "native_swiglu_fwd"):
+        op = getattr(OPS, name)
+        monkeypatch.setattr(OPS, name, lambda *a, _op=op, _n=name: calls.append(_n) or _op(*a))
+    x, w, dy = _rand((32, 64), torch.bfloat16, 30), _rand(64, torch.bfloat16, 31), _rand((32, 64), torch.bfloat16, 32)
+    outs = {}
+    for mode in ("on", "off"):
+        xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+        with kn.use_mode(mode), ops.use_backend("reference"):
+            y = ops.rms_norm(xs, ws)
+            s = ops.swiglu(xs, xs)
+        (y * s).backward(dy)
+        outs[mode] = (y.detach(), s.detach(), xs.grad, ws.grad)
+    assert calls == ["native_rms_norm_fwd", "native_swiglu_fwd"]            # "on" only
+    y_ref, _rstd = ref.rms_norm_ref(x, w)
+    for mode in ("on", "off"):
+        assert_bitwise(f"rms_norm ({mode})", outs[mode][0], y_ref)
+        assert_bitwise(f"swiglu ({mode})", outs[mode][1], ref.swiglu_ref(x, x))
+    for a, b in zip(outs["on"][2:], outs["off"][2:]):                        # gradients: same formulas, bf16 ulps
+        torch.testing.assert_close(a, b, rtol=2 ** -7, atol=2 ** -7 * float(b.abs().max()))

@@ -205,3 +205,81 @@ def test_sr_and_adamw_bitwise_identical_for_threads_and_variants():
         for a, b in zip(results[0], other):
             assert torch.equal(a.view(torch.int16) if a.dtype == torch.bfloat16 else a.view(torch.int32),
                                b.view(torch.int16) if b.dtype == torch.bfloat16 else b.view(torch.int32))
+
+
+# --------------------------------------------------------------------------- SRAdamW (training/optim.py)
+
+def _model_params(seed):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(300, 257), (257,), (64, 33)]
+    return [torch.nn.Parameter(torch.randn(s, generator=g).to(torch.bfloat16)) for s in shapes]
+
+
+def _train(params, mode, steps, seed=9, resume_at=None, groups=None):
+    """SRAdamW over ``params`` with deterministic gradients; ``resume_at``: a fresh optimizer from the state dict."""
+    import kernels.native as kn
+    from training.optim import SRAdamW
+
+    def make():
+        return SRAdamW(groups(params) if groups else params, lr=1e-2, weight_decay=0.1, seed=seed)
+
+    opt = make()
+    with kn.use_mode(mode):
+        for step in range(steps):
+            if step == resume_at:
+                sd = opt.state_dict()
+                params[:] = [torch.nn.Parameter(p.detach().clone()) for p in params]
+                opt = make()
+                opt.load_state_dict(sd)
+            g = torch.Generator().manual_seed(1000 + step)
+            for p in params:
+                p.grad = (torch.randn(p.shape, generator=g) * 0.1).to(torch.bfloat16)
+            opt.step()
+    return [p.detach().clone() for p in params], opt
+
+
+def test_sradamw_native_and_pytorch_paths_agree(monkeypatch):
+    fused = OPS.native_adamw_sr_
+    calls = []
+    monkeypatch.setattr(OPS, "native_adamw_sr_", lambda *a: calls.append(1) or fused(*a))
+    native_p, native_opt = _train(_model_params(1), "on", 4)
+    assert len(calls) == 4 * 3                                               # every step of every tensor fused
+    torch_p, torch_opt = _train(_model_params(1), "off", 4)
+    assert len(calls) == 4 * 3                                               # --native off: never
+    for a, b in zip(native_opt.state.values(), torch_opt.state.values()):
+        assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
+    total = sum(p.numel() for p in native_p)
+    differ = sum(int((_i16(a) != _i16(b)).sum()) for a, b in zip(native_p, torch_p))
+    assert differ <= max(3, total // 5000), (differ, total)                 # see the module docstring
+
+
+def test_sradamw_native_resume_reproduces_the_bits():
+    straight, _ = _train(_model_params(2), "on", 6)
+    resumed, _ = _train(_model_params(2), "on", 6, resume_at=3)
+    for a, b in zip(straight, resumed):
+        assert torch.equal(_i16(a), _i16(b))
+
+
+def test_sradamw_native_bitwise_identical_for_1_and_2_threads():
+    params = [torch.nn.Parameter(torch.randn(700_001).to(torch.bfloat16))]
+    with threads(1):
+        one, _ = _train([torch.nn.Parameter(p.detach().clone()) for p in params], "on", 2)
+    with threads(2):
+        two, _ = _train([torch.nn.Parameter(p.detach().clone()) for p in params], "on", 2)
+    assert torch.equal(_i16(one[0]), _i16(two[0]))
+
+
+def test_tp_replicas_sharing_a_stream_round_identically():
+    from training.precision import SHARED_STREAM, sharded_stream
+
+    def run(tp_rank):
+        params = _model_params(3)                                            # same values on both "ranks"
+
+        def groups(ps):                                                      # ps[1]: a replicated norm weight
+            return [dict(params=[ps[1]], sr_stream=SHARED_STREAM),
+                    dict(params=[ps[0], ps[2]], sr_stream=sharded_stream(tp_rank))]
+        return _train(params, "on", 3, groups=groups)[0]
+
+    rank0, rank1 = run(0), run(1)
+    assert torch.equal(_i16(rank0[1]), _i16(rank1[1]))                      # replicated: bit-identical copies
+    assert not torch.equal(_i16(rank0[0]), _i16(rank1[0]))                  # shards: independent rounding

@@ -10,7 +10,8 @@ import math
 import torch
 import torch.distributed as dist
 
-from training.precision import SHARED_STREAM, sharded_stream, sr_seed, stochastic_round_bf16
+from kernels import native
+from training.precision import SHARED_STREAM, sharded_stream, sr_tensor_key, stochastic_round_bf16
 
 
 class SRAdamW(torch.optim.Optimizer):
@@ -19,9 +20,15 @@ class SRAdamW(torch.optim.Optimizer):
     cast, for XLA where the Neuron runtime rounds stochastically).
 
     Each param group carries ``sr_stream`` (see training.precision) and ``sr_step`` (optimizer steps taken, saved
-    with the optimizer's state_dict); the rounding bits of a step come from a generator seeded with
-    ``sr_seed(seed, sr_step, sr_stream)`` and consumed in the group's parameter order.
+    with the optimizer's state_dict); the rounding bits of the group's i-th parameter at a step are the counter
+    bits ``sr_bits(sr_tensor_key(seed, sr_step, sr_stream, i))`` (training.precision), so a step's result does
+    not depend on threads and TP replicas sharing a stream round identically.
     Update (decoupled weight decay, as torch.optim.AdamW): p <- p(1 - lr wd) - lr mhat / (sqrt(vhat) + eps).
+
+    On CPU with kernels.native enabled (train.py's ``--native``), a bf16 parameter takes the fused native step
+    (one pass over p, grad, m, v; no fp32 copy of p): the same fp32 op order and the same bits, so the moments are
+    bitwise those of the PyTorch ops below and the parameters differ only where torch's sqrt is off by an fp32
+    ulp and the bits fall on that boundary (tests/test_native_sr.py).
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, seed=0, sr_stream=0,
@@ -51,16 +58,20 @@ class SRAdamW(torch.optim.Optimizer):
             b1, b2 = group["betas"]
             lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
             bc1, bc2 = 1 - b1 ** t, 1 - b2 ** t
-            gen = None
-            for p in group["params"]:
+            fused = not self.hardware_sr and 1 - b1 < 0.5 and native.enabled()   # 1 - b1 < 0.5: lerp's formula
+            for index, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
                 st = self.state[p]
                 if not st:
                     st["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
                     st["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
-                g = p.grad.float()
                 m, v = st["exp_avg"], st["exp_avg_sq"]
+                key = sr_tensor_key(self.seed, t, group["sr_stream"], index)
+                if fused and p.dtype == torch.bfloat16 and native.supports(p, p.grad):
+                    torch.ops.llama_kernels.native_adamw_sr_(p, p.grad, m, v, lr, b1, b2, eps, wd, bc1, bc2, key)
+                    continue
+                g = p.grad.float()
                 m.lerp_(g, 1 - b1)
                 v.mul_(b2).addcmul_(g, g, value=1 - b2)
                 p32 = p.float()
@@ -73,10 +84,7 @@ class SRAdamW(torch.optim.Optimizer):
                 elif self.hardware_sr or p.dtype != torch.bfloat16:
                     p.copy_(p32)                      # hardware SR on XLA; RNE for other dtypes
                 else:
-                    if gen is None:
-                        gen = torch.Generator(device=p.device)
-                        gen.manual_seed(sr_seed(self.seed, t, group["sr_stream"]))
-                    p.copy_(stochastic_round_bf16(p32, gen))
+                    p.copy_(stochastic_round_bf16(p32, key=key))
         return None
 
 

@@ -19,7 +19,6 @@ and the extension is loaded; mode "on" with the extension unavailable is a Runti
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import os
 import platform
@@ -90,7 +89,7 @@ def available() -> bool:
         _state["tried"] = True
         try:
             _load()
-        except _Unavailable as e:
+        except (_Unavailable, OSError) as e:          # OSError: an unwritable cache directory, a vanished file
             _state["reason"] = str(e)
             print(f"kernels.native: native CPU kernels unavailable ({e}); using the PyTorch path", file=sys.stderr,
                   flush=True)
@@ -192,13 +191,18 @@ def _build(target_dir: str) -> float:
 def _load():
     if sys.platform != "linux":
         raise _Unavailable(f"the native build supports Linux only (this is {sys.platform})")
+    import fcntl
     if not os.path.exists(os.path.join(_ROOT, "CMakeLists.txt")):
         raise _Unavailable(f"the C++ sources are not there ({_ROOT}/CMakeLists.txt is missing; install the "
                            f"repository with pip install -e .)")
     target = os.path.join(cache_root(), cache_key())
     lib = os.path.join(target, _LIB)
     if not os.path.exists(lib):
-        os.makedirs(cache_root(), exist_ok=True)
+        try:
+            os.makedirs(cache_root(), exist_ok=True)
+        except OSError as e:
+            raise _Unavailable(f"cannot create the cache directory {cache_root()} (${_ENV_CACHE}): "
+                               f"{e.strerror}") from e
         with open(os.path.join(cache_root(), f"{os.path.basename(target)}.lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)               # another process may be building the same key
             if not os.path.exists(lib):
