@@ -8,11 +8,13 @@ h // (Hq // Hkv) (GQA by index mapping: K/V are never repeated, in HBM or on chi
 Any S from 1 to MAX_SEQ[dtype] (tails of S % 128 rows use partition-clamped slices); D from 1 to 128.
 
 Math (FlashAttention-2, spec 5.2/5.3), s = q.k (raw scores, fp32 in PSUM), c = softmax_scale > 0:
-  forward   per 128-query tile, over key blocks of up to 2048: m = running max of s (fp32),
-            p = exp(c*s - c*m) (ScalarE, fp32; rounded to the input dtype for the P @ V matmul),
-            l = l * alpha + rowsum(p) (fp32, rowsum taken before the rounding), alpha = exp(c*m_old - c*m),
-            acc = acc * alpha + P @ V (fp32 SBUF, PSUM-accumulated per block),
-            o = acc / l (one rounding to q.dtype), lse = c*m + log(l) (fp32).
+  forward   two passes per 512-query chunk, no online rescaling: pass 1 m' = row max of s over all the row's
+            keys, rounded to the input dtype (the max of the scores rounded to it: rounding is monotonic, so
+            the same value; m' is only a shift, used consistently below); pass 2 per 128-key tile
+            s^T - m' summed in fp32 PSUM (m' enters by a rank-1 matmul update), p = exp(c*(s - m')) (ScalarE,
+            fp32; rounded to the input dtype for the P @ V matmul), [acc | l] = sum P @ [v | 1] (fp32 PSUM:
+            l is the row sum of the *rounded* p, the same weights as acc), o = acc / l (one rounding to
+            q.dtype), lse = c*m' + log(l) (fp32).
   backward  per 128-query tile and 256-key block: p = exp(c*s - lse) recomputed (fp32, rounded to the input
             dtype for the matmuls), Dlt = rowsum(do * o) (fp32), dp - Dlt = do @ v^T + (-Dlt) summed in fp32
             PSUM, -Dlt entering as a rank-1 (fp32) or rank-2 (bf16: hi = bf16(-Dlt), lo = bf16(-Dlt - hi))
@@ -22,19 +24,21 @@ Math (FlashAttention-2, spec 5.2/5.3), s = q.k (raw scores, fp32 in PSUM), c = s
             SBUF across blocks); dk/dv also summed over the query heads of the kv head's group inside the
             kernel. Each gradient is rounded once to its input dtype.
 Causal: blocks entirely above the diagonal are never computed (each query tile stops at its last key);
-only the diagonal 128 x 128 sub-block is masked, by *selecting* -1e30 in place of the fp32 scores above the
-diagonal (exp then gives exactly 0; the diagonal element is always kept, so every row max is finite). A select,
+only the diagonal 128 x 128 sub-block is masked: the forward's pass 1 *selects* -1e30 in place of the scores
+above the diagonal before the row max (the diagonal element is always kept, so every row max is finite), its
+pass 2 and the backward select an exact 0 into p. A select,
 not an add: a masked key whose score is Inf or NaN (an Inf/NaN or overflowing key) must not reach the row max
 or the row sum of an earlier query, and Inf + (-1e30) is still Inf. GpSimd cannot touch PSUM (spec 2.6), so the
-forward's diagonal sub-block goes PSUM -> SBUF (Vector copy), affine_select in SBUF, SBUF -> PSUM (Vector copy);
-the backward (no row max: lse is given) selects an exact 0 into p = exp(...) of the masked keys in SBUF, so a
-non-finite masked score never reaches p, ds or any gradient. A masked
+pass-1 scores are selected in their SBUF copy (ScalarE copy; or PSUM -> SBUF -> PSUM by Vector copies when
+VectorE reads the max from PSUM), and p = exp(...) of the masked keys in SBUF, so a non-finite masked score
+never reaches the row max, p, ds or any output. A masked
 key's value row still enters P @ V with an exact 0 weight: a non-finite V there gives 0 * Inf = NaN, as in every
 matmul-based attention (the reference backend alike).
 
 Layout (contraction on the partition dim, nc_matmul: dst = stationary.T @ moving):
   scores [q, k]  = (q^T [D, q]).T @ k^T [D, k<=512]     q^T, k^T made by TensorE transposes of row tiles
-  o      [q, D] += (p^T [k, q]).T @ v [k, D]            p^T by TensorE transposes of p, 128 keys at a time
+  s^T    [k, q]  = (k^T [D, k]).T @ q^T [D, q<=512] + (ones [1, k]).T @ (-m' [1, q])     forward pass 2
+  o|l    [q, D+1] += (p^T [k, q]).T @ [v | 1] [k, D+1]  p^T = exp(c * s^T) is already stationary-shaped
   dp     [q, k]  = (do^T [D, q]).T @ v^T [D, k]
   dv     [k, D] += (p [q, k<=128]).T @ do [q, D]        p and ds are already stationary-shaped: no transpose
   dk     [k, D] += (ds [q, k<=128]).T @ q [q, D]
@@ -66,6 +70,7 @@ _FWD_BLOCK = 2048        # keys per online-softmax step in the forward (scores s
 _BWD_BLOCK = 256         # keys per backward unit (two unit buffers of scores in one PSUM bank)
 _BWD_CHUNK_TILES = 8     # 128-row query tiles per backward chunk (dK/dV PSUM sums span 1024 queries)
 _CHUNK_TILES = 4         # 128-row tiles per DMA / per transpose group (512 rows)
+_FWD_COPY_EVERY = 1      # forward pass 1: the max of every (k-th) 512-key block via ScalarE copy -> VectorE (SBUF)
 _MASKED = -1.0e30        # selected for masked fp32 scores: exp(c * -1e30 - ...) == 0, no -inf arithmetic
 
 
@@ -185,118 +190,192 @@ def _load_transposed(dst_t, src, n_rows, stage, t_ps, rows_dst=None):
 
 # --------------------------------------------------------------------------- forward
 
+def _fwd_max_jobs(cb, qh, r0, n_rows, S, causal, k_t, s1_ps, tl_ps, diag):
+    """Pass 1 of one query chunk as a list of closures (emitted one per pass-2 step of the previous chunk): load
+    q and make q^T; per (query tile, 512-key block) the scores and their row max (VectorE from PSUM; the
+    diagonal sub-block masked by select first); then m = max over the blocks and the row -bf16(m) of the chunk's
+    queries (TensorE transposes of the [rows, 1] columns) for pass 2's rank-1 update."""
+    tiles = _tiles(n_rows)
+
+    def load():
+        _load_rows(cb["q_rows"], qh, r0, n_rows)
+        _transpose_rows(cb["q_t"], 0, cb["q_rows"], n_rows, tl_ps)
+    jobs = [load]
+    n_blk = []
+    for i, (i0, rows) in enumerate(tiles):
+        kv_end = r0 + i0 + rows if causal else S
+        blocks = list(range(0, kv_end, _MM_N))
+        n_blk.append(len(blocks))
+        for bj, j0 in enumerate(blocks):
+            def block(i=i, i0=i0, rows=rows, kv_end=kv_end, bj=bj, j0=j0):
+                x, w = bj % 2, min(_MM_N, kv_end - j0)
+                nisa.nc_matmul(dst=s1_ps[0:rows, x, 0:w], stationary=cb["q_t"][:, i0:i0 + rows],
+                               moving=k_t[:, j0:j0 + w], accumulate=False, name="scores")
+                d0 = r0 + i0 - j0
+                if bj % _FWD_COPY_EVERY:
+                    # VectorE max straight from PSUM (fp32); the diagonal sub-block masked by select first
+                    if causal and j0 + w == kv_end:
+                        _mask_diagonal(s1_ps[:, x, :], rows, d0, diag)
+                    nisa.tensor_reduce(dst=cb["bmax"][0:rows, i, bj:bj + 1], op=nl.maximum,
+                                       data=s1_ps[0:rows, x, 0:w], axis=1)
+                    return
+                # ScalarE copy to SBUF in the input dtype (faster on the shared PSUM port than a VectorE read),
+                # select -1e30 above the diagonal there, VectorE max of the copy (bf16: N/2 cycles). The max of
+                # the rounded scores is the rounded max (rounding is monotonic), and pass 2 shifts by m rounded
+                # to the input dtype anyway: the same m' as the fp32 path.
+                s_sb = cb["s1_sb"][0:rows, x, 0:w]
+                nisa.activation(dst=s_sb, op=nl.copy, data=s1_ps[0:rows, x, 0:w])
+                if causal and j0 + w == kv_end:
+                    nisa.affine_select(dst=cb["s1_sb"][0:rows, x, d0:d0 + rows], pattern=[[-1, rows]],
+                                       channel_multiplier=1, on_true_tile=cb["s1_sb"][0:rows, x, d0:d0 + rows],
+                                       on_false_value=_MASKED, cmp_op=nl.greater_equal, offset=0, name="causal_mask")
+                nisa.tensor_reduce(dst=cb["bmax"][0:rows, i, bj:bj + 1], op=nl.maximum, data=s_sb, axis=1)
+            jobs.append(block)
+
+    def finish():
+        for i, (i0, rows) in enumerate(tiles):
+            nisa.tensor_reduce(dst=cb["m"][0:rows, i:i + 1], op=nl.maximum, data=cb["bmax"][0:rows, i, 0:n_blk[i]],
+                               axis=1)
+        for rows, t0, t1 in _tile_groups(n_rows):
+            nisa.tensor_scalar(dst=cb["negm"][0:rows, t0:t1], data=cb["m"][0:rows, t0:t1], op0=nl.multiply,
+                               operand0=-1.0)
+    jobs.append(finish)
+
+    def negm_row():
+        for i, (i0, rows) in enumerate(tiles):
+            nisa.nc_transpose(dst=tl_ps[0:1, i0:i0 + rows], data=cb["negm"][0:rows, i:i + 1])
+        nisa.tensor_copy(dst=cb["negm_row"][0:1, 0:n_rows], src=tl_ps[0:1, 0:n_rows])
+    return jobs, negm_row
+
+
 @nki.jit
 def flash_fwd(q, k, v, causal=True, softmax_scale=1.0):
     """q [B, Hq, S, D], k/v [B, Hkv, S, D] (bf16|fp32) -> (o [B, Hq, S, D] q.dtype, lse [B, Hq, S] fp32).
 
     Loops: batch -> kv head (K^T and V loaded once, kept in SBUF) -> its query heads -> 512-row query chunks
-    (one DMA in, one out) -> 128-row query tiles -> key blocks of <= 2048 (causal: up to the tile's last key).
-    SBUF per partition (S = 4096, D = 128): k^T 8 KiB + v 8 KiB + q^T, staging, o 3 KiB + p block 4 KiB (bf16;
-    x2 for fp32) + small fp32 tiles; the interpreter measures 25 KiB (bf16) / 49 KiB (fp32). PSUM: scores
-    4 banks + 2 transpose banks + 1 P @ V bank = 7 of 8.
+    (one DMA in, one out). Two passes per chunk, the exact row max first (no online rescaling):
+      pass 1 (per 128-row query tile, 512-key blocks): scores s = q.k in PSUM, m = row max (VectorE).
+      pass 2 (per 128-key tile, all the chunk's queries at once: moving free size 512): the transposed scores
+             s^T [k, q] = k^T.T @ q^T plus the rank-1 update ones^T @ (-m') (m' = m rounded to the input dtype,
+             the row shift, exact in fp32 PSUM up to the sum's rounding), p^T = exp(c*s^T) straight from PSUM
+             (ScalarE) already in P @ V's stationary layout (no transposes of p), then o_aug[q, 0:D+1] +=
+             p^T.T @ [v | 1]: the ones column of V gives l = rowsum(p) in the same fp32 PSUM sum.
+    Pass 1 of chunk n+1 is emitted one piece per pass-2 step of chunk n, and pass 2 runs P @ V one key tile
+    behind the scores, so each engine's in-order queue has independent work.
+    SBUF per partition (S = 4096, D = 128): k^T 8 KiB + [v | 1] 8.1 KiB + two sets of chunk tiles (bf16; x2
+    for fp32). PSUM: pass-1 scores 2 banks, s^T 2 banks, o_aug 2 banks, transposes 2 banks = 8 of 8.
     """
     B, Hq, Hkv, G, S, D, T, CH = _dims(q, k)
     dt, f32, c = q.dtype, nl.float32, float(softmax_scale)
     o = nl.ndarray((B, Hq, S, D), dtype=dt, buffer=nl.shared_hbm)
     lse = nl.ndarray((B, Hq, S), dtype=f32, buffer=nl.shared_hbm)
+    NB = (S + _MM_N - 1) // _MM_N
 
     diag = nl.ndarray((_P, _P), dtype=f32, buffer=nl.sbuf) if causal else None   # _mask_diagonal's tile
-    # PSUM tiles live for the whole launch; every matmul group starts with accumulate=False.
-    s_ps = nl.ndarray((_P, _FWD_BLOCK), dtype=f32, buffer=nl.psum)
+    s1_ps = nl.ndarray((_P, 2, _MM_N), dtype=f32, buffer=nl.psum)
+    st_ps = nl.ndarray((_P, 2, _MM_N), dtype=f32, buffer=nl.psum)
+    o_ps = [nl.ndarray((_P, 2, D + 1), dtype=f32, buffer=nl.psum) for _ in range(2)]
     t_ps = [nl.ndarray((_P, _MM_N), dtype=dt, buffer=nl.psum) for _ in range(2)]
-    pv_ps = nl.ndarray((_P, D), dtype=f32, buffer=nl.psum)
     k_t = nl.ndarray((D, S), dtype=dt, buffer=nl.sbuf)
-    v_sb = nl.ndarray((_P, T, D), dtype=dt, buffer=nl.sbuf)
-    stage = nl.ndarray((_P, _CHUNK_TILES, D), dtype=dt, buffer=nl.sbuf)
-    q_t = nl.ndarray((D, CH), dtype=dt, buffer=nl.sbuf)
-    o_sb = nl.ndarray((_P, _CHUNK_TILES, D), dtype=dt, buffer=nl.sbuf)
-    lse_sb = nl.ndarray((_P, _CHUNK_TILES), dtype=f32, buffer=nl.sbuf)
-    p_sb = nl.ndarray((_P, _FWD_BLOCK), dtype=dt, buffer=nl.sbuf)
-    p_t = nl.ndarray((_P, _CHUNK_TILES * _P), dtype=dt, buffer=nl.sbuf)
-    acc = nl.ndarray((_P, D), dtype=f32, buffer=nl.sbuf)
-    n_transposes = 0
+    v_aug = nl.ndarray((_P, T, D + 1), dtype=dt, buffer=nl.sbuf)
+    nisa.memset(dst=v_aug[:, :, D:D + 1], value=1.0)
+    ones_row = nl.ndarray((1, _P), dtype=dt, buffer=nl.sbuf)
+    nisa.memset(dst=ones_row, value=1.0)
+    stage = [nl.ndarray((_P, _CHUNK_TILES, D), dtype=dt, buffer=nl.sbuf) for _ in range(2)]
+    chunk_bufs = [dict(q_rows=nl.ndarray((_P, _CHUNK_TILES, D), dtype=dt, buffer=nl.sbuf),
+                       q_t=nl.ndarray((D, CH), dtype=dt, buffer=nl.sbuf),
+                       bmax=nl.ndarray((_P, _CHUNK_TILES, NB), dtype=dt, buffer=nl.sbuf),
+                       s1_sb=nl.ndarray((_P, 2, _MM_N), dtype=dt, buffer=nl.sbuf),
+                       m=nl.ndarray((_P, _CHUNK_TILES), dtype=f32, buffer=nl.sbuf),
+                       negm=nl.ndarray((_P, _CHUNK_TILES), dtype=dt, buffer=nl.sbuf),
+                       negm_row=nl.ndarray((1, CH), dtype=dt, buffer=nl.sbuf),
+                       recip=nl.ndarray((_P, _CHUNK_TILES), dtype=f32, buffer=nl.sbuf),
+                       log_l=nl.ndarray((_P, _CHUNK_TILES), dtype=f32, buffer=nl.sbuf),
+                       o_sb=nl.ndarray((_P, _CHUNK_TILES, D), dtype=dt, buffer=nl.sbuf),
+                       lse_sb=nl.ndarray((_P, _CHUNK_TILES), dtype=f32, buffer=nl.sbuf)) for _ in range(2)]
+    p_t = nl.ndarray((_P, 2, CH), dtype=dt, buffer=nl.sbuf)
+    n_chunks = 0
 
     for b in range(B):
         for g in range(Hkv):
             _load_transposed(k_t, k[b, g], S, stage, t_ps)
-            _load_rows(v_sb, v[b, g], 0, S)
-            for h in range(g * G, (g + 1) * G):
-                for r0 in range(0, S, CH):
-                    n_rows = min(CH, S - r0)
-                    _load_rows(stage, q[b, h], r0, n_rows)
-                    _transpose_rows(q_t, 0, stage, n_rows, t_ps[0])
-                    for i, (i0, rows) in enumerate(_tiles(n_rows)):
-                        q0 = r0 + i0
-                        kv_end = q0 + rows if causal else S
-                        m = l_run = None
-                        for j0 in range(0, kv_end, _FWD_BLOCK):
-                            w = min(_FWD_BLOCK, kv_end - j0)
-                            for c0 in range(0, w, _MM_N):
-                                cw = min(_MM_N, w - c0)
-                                nisa.nc_matmul(dst=s_ps[0:rows, c0:c0 + cw], stationary=q_t[:, i0:i0 + rows],
-                                               moving=k_t[:, j0 + c0:j0 + c0 + cw], accumulate=False,
-                                               name="scores")
-                            if causal and j0 + w == kv_end:
-                                _mask_diagonal(s_ps, rows, q0 - j0, diag)   # keys q0..q0+rows
-                            bmax = nl.ndarray((_P, 1), dtype=f32, buffer=nl.sbuf)
-                            nisa.tensor_reduce(dst=bmax[0:rows], op=nl.maximum, data=s_ps[0:rows, 0:w], axis=1)
-                            if m is None:
-                                m_new = bmax
-                            else:
-                                m_new = nl.ndarray((_P, 1), dtype=f32, buffer=nl.sbuf)
-                                nisa.tensor_tensor(dst=m_new[0:rows], data1=m[0:rows], data2=bmax[0:rows],
-                                                   op=nl.maximum)
-                            neg_m = nl.ndarray((_P, 1), dtype=f32, buffer=nl.sbuf)
-                            nisa.tensor_scalar(dst=neg_m[0:rows], data=m_new[0:rows], op0=nl.multiply, operand0=-c)
-                            rsum = nl.ndarray((_P, 1), dtype=f32, buffer=nl.sbuf)
-                            # p = exp(c*s - c*m), row sums in fp32 before p is rounded to dt (spec 2.4)
-                            nisa.activation_reduce(dst=p_sb[0:rows, 0:w], op=nl.exp, data=s_ps[0:rows, 0:w],
-                                                   reduce_op=nl.add, reduce_res=rsum[0:rows], bias=neg_m[0:rows],
-                                                   scale=c)
-                            alpha = None
-                            if m is None:
-                                l_run = rsum
-                            else:
-                                alpha = nl.ndarray((_P, 1), dtype=f32, buffer=nl.sbuf)
-                                nisa.activation(dst=alpha[0:rows], op=nl.exp, data=m[0:rows], bias=neg_m[0:rows],
-                                                scale=c)
-                                l_new = nl.ndarray((_P, 1), dtype=f32, buffer=nl.sbuf)
-                                nisa.scalar_tensor_tensor(dst=l_new[0:rows], data=l_run[0:rows], op0=nl.multiply,
-                                                          operand0=alpha[0:rows], op1=nl.add,
-                                                          operand1=rsum[0:rows])
-                                l_run = l_new
-                            m = m_new
-                            # P @ V over the block, 512 keys per transpose group, accumulated in one PSUM bank
-                            first = True
-                            for c0 in range(0, w, _MM_N):
-                                cw = min(_MM_N, w - c0)
-                                chunks = _transpose_cols(p_t, p_sb[:, c0:c0 + cw], rows, cw,
-                                                         t_ps[n_transposes % 2])
-                                n_transposes += 1
-                                for jj, (k0, kw) in enumerate(chunks):
-                                    nisa.nc_matmul(dst=pv_ps[0:rows, :],
-                                                   stationary=p_t[0:kw, jj * rows:(jj + 1) * rows],
-                                                   moving=v_sb[0:kw, (j0 + c0 + k0) // _P, :], accumulate=not first)
-                                    first = False
-                            if alpha is None:
-                                nisa.tensor_copy(dst=acc[0:rows], src=pv_ps[0:rows, :])
-                            else:
-                                nisa.scalar_tensor_tensor(dst=acc[0:rows], data=acc[0:rows], op0=nl.multiply,
-                                                          operand0=alpha[0:rows], op1=nl.add,
-                                                          operand1=pv_ps[0:rows, :])
-                        # o = acc / l (one rounding), lse = c*m + log(l) = log(l) - neg_m
-                        recip = nl.ndarray((_P, 1), dtype=f32, buffer=nl.sbuf)
-                        nisa.reciprocal(dst=recip[0:rows], data=l_run[0:rows])
-                        nisa.tensor_scalar(dst=o_sb[0:rows, i, :], data=acc[0:rows], op0=nl.multiply,
-                                           operand0=recip[0:rows])
-                        log_l = nl.ndarray((_P, 1), dtype=f32, buffer=nl.sbuf)
-                        nisa.activation(dst=log_l[0:rows], op=nl.log, data=l_run[0:rows])
-                        nisa.scalar_tensor_tensor(dst=lse_sb[0:rows, i:i + 1], data=neg_m[0:rows],
-                                                  op0=nl.multiply, operand0=-1.0, op1=nl.add,
-                                                  operand1=log_l[0:rows])
-                    _store_rows(o[b, h], o_sb, r0, n_rows)
-                    _store_cols(lse[b, h], lse_sb, r0, n_rows)
+            _load_rows(v_aug[:, :, 0:D], v[b, g], 0, S)
+            chunks = [(h, r0, min(CH, S - r0), chunk_bufs[(n_chunks + ci) % 2])
+                      for ci, (h, r0) in enumerate((h, r0) for h in range(g * G, (g + 1) * G)
+                                                   for r0 in range(0, S, CH))]
+            n_chunks += len(chunks)
+
+            def jobs_of(ci):
+                h, r0, n_rows, cb = chunks[ci]
+                return _fwd_max_jobs(cb, q[b, h], r0, n_rows, S, causal, k_t, s1_ps, t_ps[ci % 2], diag)
+            jobs, last = jobs_of(0)
+            for job in jobs + [last]:
+                job()
+            for ci, (h, r0, n_rows, cb) in enumerate(chunks):
+                side, last = jobs_of(ci + 1) if ci + 1 < len(chunks) else ([], None)
+                _fwd_pass2(cb, r0, n_rows, S, D, causal, c, k_t, v_aug, ones_row, st_ps, o_ps, p_t, side)
+                if last is not None:      # TensorE reaches the next chunk's -m row transposes after this chunk
+                    last()
+                _store_rows(o[b, h], cb["o_sb"], r0, n_rows)
+                _store_cols(lse[b, h], cb["lse_sb"], r0, n_rows)
     return o, lse
+
+
+def _fwd_pass2(cb, r0, n_rows, S, D, causal, c, k_t, v_aug, ones_row, st_ps, o_ps, p_t, side_jobs):
+    """Pass 2 of one query chunk (see flash_fwd), P @ V one key tile behind the scores, one side job (the next
+    chunk's pass 1) per step; then o = o_aug[:, :D] / l (one rounding), lse = log(l) + c*m'."""
+    tiles = _tiles(n_rows)
+    steps = []
+    for k0 in range(0, r0 + n_rows if causal else S, _P):
+        j = max(0, (k0 - r0) // _P) if causal else 0          # first query tile that sees key tile k0
+        steps.append((k0, min(_P, S - k0), j))
+    started = set()
+    side_jobs = list(side_jobs)
+    per_step = -(-len(side_jobs) // max(1, len(steps)))
+
+    def scores(t):
+        k0, kw, j = steps[t]
+        x, qa = t % 2, tiles[j][0]
+        qn = n_rows - qa
+        nisa.nc_matmul(dst=st_ps[0:kw, x, 0:qn], stationary=k_t[:, k0:k0 + kw], moving=cb["q_t"][:, qa:n_rows],
+                       accumulate=False, name="scores_t")
+        nisa.nc_matmul(dst=st_ps[0:kw, x, 0:qn], stationary=ones_row[0:1, 0:kw],
+                       moving=cb["negm_row"][0:1, qa:n_rows], accumulate=True, name="minus_max")
+        nisa.activation(dst=p_t[0:kw, x, 0:qn], op=nl.exp, data=st_ps[0:kw, x, 0:qn], scale=c)
+        if causal and k0 >= r0:      # key tile k0 is query tile j's diagonal: key p vs query f, keep f >= p
+            rows = tiles[j][1]
+            nisa.affine_select(dst=p_t[0:kw, x, 0:rows], pattern=[[1, rows]], channel_multiplier=-1,
+                               on_true_tile=p_t[0:kw, x, 0:rows], on_false_value=0.0, cmp_op=nl.greater_equal,
+                               offset=0, name="causal_mask_p")
+
+    def pv(t):
+        k0, kw, j = steps[t]
+        x, qa = t % 2, tiles[j][0]
+        for i in range(j, len(tiles)):
+            i0, rows = tiles[i]
+            nisa.nc_matmul(dst=o_ps[i // 2][0:rows, i % 2, :], stationary=p_t[0:kw, x, i0 - qa:i0 - qa + rows],
+                           moving=v_aug[0:kw, k0 // _P, :], accumulate=i in started, name="pv")
+            started.add(i)
+
+    for t in range(len(steps) + 1):
+        if t < len(steps):
+            scores(t)
+        if t >= 1:
+            pv(t - 1)
+        for _ in range(per_step):
+            if side_jobs:
+                side_jobs.pop(0)()
+    for job in side_jobs:
+        job()
+    for i, (i0, rows) in enumerate(tiles):
+        acc = o_ps[i // 2][0:rows, i % 2, :]
+        nisa.reciprocal(dst=cb["recip"][0:rows, i:i + 1], data=acc[:, D:D + 1])
+        nisa.tensor_scalar(dst=cb["o_sb"][0:rows, i, :], data=acc[:, 0:D], op0=nl.multiply,
+                           operand0=cb["recip"][0:rows, i:i + 1])
+        nisa.activation(dst=cb["log_l"][0:rows, i:i + 1], op=nl.log, data=acc[:, D:D + 1])
+        # lse = c*m' + log(l), m' = -negm (the shift pass 2 used)
+        nisa.scalar_tensor_tensor(dst=cb["lse_sb"][0:rows, i:i + 1], data=cb["negm"][0:rows, i:i + 1],
+                                  op0=nl.multiply, operand0=-c, op1=nl.add, operand1=cb["log_l"][0:rows, i:i + 1])
 
 
 # --------------------------------------------------------------------------- backward
