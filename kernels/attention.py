@@ -70,21 +70,9 @@ _FWD_BLOCK = 2048        # keys per online-softmax step in the forward (scores s
 _BWD_BLOCK = 256         # keys per backward unit (two unit buffers of scores in one PSUM bank)
 _BWD_CHUNK_TILES = 8     # 128-row query tiles per backward chunk (dK/dV PSUM sums span 1024 queries)
 _CHUNK_TILES = 4         # 128-row tiles per DMA / per transpose group (512 rows)
-_FWD_COPY_EVERY = 1      # forward pass 1: the max of every (k-th) 512-key block via ScalarE copy -> VectorE (SBUF)
+_BWD_LAG_B, _BWD_LAG_C = 3, 4   # backward pipeline: stages B and C of unit u emitted with stage A of u + lag
+_FWD_PV_LAG = 2          # forward pass 2: P @ V of key tile t emitted with the scores of tile t + 2
 _MASKED = -1.0e30        # selected for masked fp32 scores: exp(c * -1e30 - ...) == 0, no -inf arithmetic
-
-
-def _mask_diagonal(s_ps, rows, d0, diag):
-    """Scores s_ps[0:rows, d0:d0+rows] (fp32 PSUM, query p against key d0 + f of the diagonal sub-block) keep
-    their value where key f <= query p and become -1e30 above the diagonal, whatever they held (select).
-
-    GpSimd affine_select with a = p - f >= 0 (pattern [[-1, rows]], channel_multiplier 1), spec 2.6, on an SBUF
-    copy ``diag`` [128, 128] fp32: GpSimd cannot read or write PSUM."""
-    nisa.tensor_copy(dst=diag[0:rows, 0:rows], src=s_ps[0:rows, d0:d0 + rows], name="diag_to_sbuf")
-    nisa.affine_select(dst=diag[0:rows, 0:rows], pattern=[[-1, rows]], channel_multiplier=1,
-                       on_true_tile=diag[0:rows, 0:rows], on_false_value=_MASKED, cmp_op=nl.greater_equal,
-                       offset=0, name="causal_mask")
-    nisa.tensor_copy(dst=s_ps[0:rows, d0:d0 + rows], src=diag[0:rows, 0:rows], name="diag_to_psum")
 
 
 def _dims(q, k):
@@ -190,17 +178,15 @@ def _load_transposed(dst_t, src, n_rows, stage, t_ps, rows_dst=None):
 
 # --------------------------------------------------------------------------- forward
 
-def _fwd_max_jobs(cb, qh, r0, n_rows, S, causal, k_t, s1_ps, tl_ps, diag):
+def _fwd_max_jobs(cb, qh, r0, n_rows, S, causal, k_t, s1_ps, tl_ps):
     """Pass 1 of one query chunk as a list of closures (emitted one per pass-2 step of the previous chunk): load
     q and make q^T; per (query tile, 512-key block) the scores and their row max (VectorE from PSUM; the
     diagonal sub-block masked by select first); then m = max over the blocks and the row -bf16(m) of the chunk's
     queries (TensorE transposes of the [rows, 1] columns) for pass 2's rank-1 update."""
     tiles = _tiles(n_rows)
 
-    def load():
-        _load_rows(cb["q_rows"], qh, r0, n_rows)
-        _transpose_rows(cb["q_t"], 0, cb["q_rows"], n_rows, tl_ps)
-    jobs = [load]
+    jobs = [lambda: _load_rows(cb["q_rows"], qh, r0, n_rows), lambda: None, lambda: None,   # DMA fixed cost
+            lambda: _transpose_rows(cb["q_t"], 0, cb["q_rows"], n_rows, tl_ps)]
     n_blk = []
     for i, (i0, rows) in enumerate(tiles):
         kv_end = r0 + i0 + rows if causal else S
@@ -212,20 +198,14 @@ def _fwd_max_jobs(cb, qh, r0, n_rows, S, causal, k_t, s1_ps, tl_ps, diag):
                 nisa.nc_matmul(dst=s1_ps[0:rows, x, 0:w], stationary=cb["q_t"][:, i0:i0 + rows],
                                moving=k_t[:, j0:j0 + w], accumulate=False, name="scores")
                 d0 = r0 + i0 - j0
-                if bj % _FWD_COPY_EVERY:
-                    # VectorE max straight from PSUM (fp32); the diagonal sub-block masked by select first
-                    if causal and j0 + w == kv_end:
-                        _mask_diagonal(s1_ps[:, x, :], rows, d0, diag)
-                    nisa.tensor_reduce(dst=cb["bmax"][0:rows, i, bj:bj + 1], op=nl.maximum,
-                                       data=s1_ps[0:rows, x, 0:w], axis=1)
-                    return
+                is_diag = causal and j0 + w == kv_end
                 # ScalarE copy to SBUF in the input dtype (faster on the shared PSUM port than a VectorE read),
                 # select -1e30 above the diagonal there, VectorE max of the copy (bf16: N/2 cycles). The max of
                 # the rounded scores is the rounded max (rounding is monotonic), and pass 2 shifts by m rounded
                 # to the input dtype anyway: the same m' as the fp32 path.
                 s_sb = cb["s1_sb"][0:rows, x, 0:w]
                 nisa.activation(dst=s_sb, op=nl.copy, data=s1_ps[0:rows, x, 0:w])
-                if causal and j0 + w == kv_end:
+                if is_diag:
                     nisa.affine_select(dst=cb["s1_sb"][0:rows, x, d0:d0 + rows], pattern=[[-1, rows]],
                                        channel_multiplier=1, on_true_tile=cb["s1_sb"][0:rows, x, d0:d0 + rows],
                                        on_false_value=_MASKED, cmp_op=nl.greater_equal, offset=0, name="causal_mask")
@@ -239,13 +219,11 @@ def _fwd_max_jobs(cb, qh, r0, n_rows, S, causal, k_t, s1_ps, tl_ps, diag):
         for rows, t0, t1 in _tile_groups(n_rows):
             nisa.tensor_scalar(dst=cb["negm"][0:rows, t0:t1], data=cb["m"][0:rows, t0:t1], op0=nl.multiply,
                                operand0=-1.0)
-    jobs.append(finish)
 
-    def negm_row():
+    def negm_row():            # [rows, 1] columns -> one [1, n_rows] row by SBUF -> SBUF DMAs (no engine time)
         for i, (i0, rows) in enumerate(tiles):
-            nisa.nc_transpose(dst=tl_ps[0:1, i0:i0 + rows], data=cb["negm"][0:rows, i:i + 1])
-        nisa.tensor_copy(dst=cb["negm_row"][0:1, 0:n_rows], src=tl_ps[0:1, 0:n_rows])
-    return jobs, negm_row
+            nisa.dma_copy(dst=cb["negm_row"][0:1, i0:i0 + rows], src=cb["negm"][0:rows, i:i + 1])
+    return jobs + [finish, lambda: None, negm_row]
 
 
 @nki.jit
@@ -271,7 +249,6 @@ def flash_fwd(q, k, v, causal=True, softmax_scale=1.0):
     lse = nl.ndarray((B, Hq, S), dtype=f32, buffer=nl.shared_hbm)
     NB = (S + _MM_N - 1) // _MM_N
 
-    diag = nl.ndarray((_P, _P), dtype=f32, buffer=nl.sbuf) if causal else None   # _mask_diagonal's tile
     s1_ps = nl.ndarray((_P, 2, _MM_N), dtype=f32, buffer=nl.psum)
     st_ps = nl.ndarray((_P, 2, _MM_N), dtype=f32, buffer=nl.psum)
     o_ps = [nl.ndarray((_P, 2, D + 1), dtype=f32, buffer=nl.psum) for _ in range(2)]
@@ -293,7 +270,7 @@ def flash_fwd(q, k, v, causal=True, softmax_scale=1.0):
                        log_l=nl.ndarray((_P, _CHUNK_TILES), dtype=f32, buffer=nl.sbuf),
                        o_sb=nl.ndarray((_P, _CHUNK_TILES, D), dtype=dt, buffer=nl.sbuf),
                        lse_sb=nl.ndarray((_P, _CHUNK_TILES), dtype=f32, buffer=nl.sbuf)) for _ in range(2)]
-    p_t = nl.ndarray((_P, 2, CH), dtype=dt, buffer=nl.sbuf)
+    p_t = nl.ndarray((_P, _FWD_PV_LAG + 1, CH), dtype=dt, buffer=nl.sbuf)
     n_chunks = 0
 
     for b in range(B):
@@ -307,15 +284,12 @@ def flash_fwd(q, k, v, causal=True, softmax_scale=1.0):
 
             def jobs_of(ci):
                 h, r0, n_rows, cb = chunks[ci]
-                return _fwd_max_jobs(cb, q[b, h], r0, n_rows, S, causal, k_t, s1_ps, t_ps[ci % 2], diag)
-            jobs, last = jobs_of(0)
-            for job in jobs + [last]:
+                return _fwd_max_jobs(cb, q[b, h], r0, n_rows, S, causal, k_t, s1_ps, t_ps[ci % 2])
+            for job in jobs_of(0):
                 job()
             for ci, (h, r0, n_rows, cb) in enumerate(chunks):
-                side, last = jobs_of(ci + 1) if ci + 1 < len(chunks) else ([], None)
+                side = jobs_of(ci + 1) if ci + 1 < len(chunks) else []
                 _fwd_pass2(cb, r0, n_rows, S, D, causal, c, k_t, v_aug, ones_row, st_ps, o_ps, p_t, side)
-                if last is not None:      # TensorE reaches the next chunk's -m row transposes after this chunk
-                    last()
                 _store_rows(o[b, h], cb["o_sb"], r0, n_rows)
                 _store_cols(lse[b, h], cb["lse_sb"], r0, n_rows)
     return o, lse
@@ -331,37 +305,39 @@ def _fwd_pass2(cb, r0, n_rows, S, D, causal, c, k_t, v_aug, ones_row, st_ps, o_p
         steps.append((k0, min(_P, S - k0), j))
     started = set()
     side_jobs = list(side_jobs)
-    per_step = -(-len(side_jobs) // max(1, len(steps)))
+    per_step = -(-len(side_jobs) // max(1, len(steps) - 2))      # done two steps before the chunk's end
+    nbuf = _FWD_PV_LAG + 1
 
     def scores(t):
         k0, kw, j = steps[t]
         x, qa = t % 2, tiles[j][0]
+        xp = t % nbuf
         qn = n_rows - qa
         nisa.nc_matmul(dst=st_ps[0:kw, x, 0:qn], stationary=k_t[:, k0:k0 + kw], moving=cb["q_t"][:, qa:n_rows],
                        accumulate=False, name="scores_t")
         nisa.nc_matmul(dst=st_ps[0:kw, x, 0:qn], stationary=ones_row[0:1, 0:kw],
                        moving=cb["negm_row"][0:1, qa:n_rows], accumulate=True, name="minus_max")
-        nisa.activation(dst=p_t[0:kw, x, 0:qn], op=nl.exp, data=st_ps[0:kw, x, 0:qn], scale=c)
+        nisa.activation(dst=p_t[0:kw, xp, 0:qn], op=nl.exp, data=st_ps[0:kw, x, 0:qn], scale=c)
         if causal and k0 >= r0:      # key tile k0 is query tile j's diagonal: key p vs query f, keep f >= p
             rows = tiles[j][1]
-            nisa.affine_select(dst=p_t[0:kw, x, 0:rows], pattern=[[1, rows]], channel_multiplier=-1,
-                               on_true_tile=p_t[0:kw, x, 0:rows], on_false_value=0.0, cmp_op=nl.greater_equal,
+            nisa.affine_select(dst=p_t[0:kw, xp, 0:rows], pattern=[[1, rows]], channel_multiplier=-1,
+                               on_true_tile=p_t[0:kw, xp, 0:rows], on_false_value=0.0, cmp_op=nl.greater_equal,
                                offset=0, name="causal_mask_p")
 
     def pv(t):
         k0, kw, j = steps[t]
-        x, qa = t % 2, tiles[j][0]
+        x, qa = t % nbuf, tiles[j][0]
         for i in range(j, len(tiles)):
             i0, rows = tiles[i]
             nisa.nc_matmul(dst=o_ps[i // 2][0:rows, i % 2, :], stationary=p_t[0:kw, x, i0 - qa:i0 - qa + rows],
                            moving=v_aug[0:kw, k0 // _P, :], accumulate=i in started, name="pv")
             started.add(i)
 
-    for t in range(len(steps) + 1):
+    for t in range(len(steps) + _FWD_PV_LAG):
         if t < len(steps):
             scores(t)
-        if t >= 1:
-            pv(t - 1)
+        if 0 <= t - _FWD_PV_LAG < len(steps):
+            pv(t - _FWD_PV_LAG)
         for _ in range(per_step):
             if side_jobs:
                 side_jobs.pop(0)()
@@ -399,21 +375,21 @@ def _bwd_chunk_jobs(cb, srcs, r0, n_rows, nrk, tl_ps):
         _load_rows(cb["do_rows"], doh, r0, n_rows)
         _load_rows(cb["o_rows"], oh, r0, n_rows)
         _load_cols(cb["lse"], lseh, r0, n_rows)
-    jobs = [loads]
+    wait = [lambda: None] * 2        # steps between a job and the next one that uses its results
+    jobs = [loads] + wait
     for g0 in range(0, n_rows, _CHUNK_TILES * _P):
         g_rows, t0 = min(_CHUNK_TILES * _P, n_rows - g0), g0 // _P
         for name, rows_t in (("q_t", "q_rows"), ("do_t", "do_rows")):
-            jobs.append(lambda name=name, rows_t=rows_t, g0=g0, g_rows=g_rows, t0=t0: _transpose_rows(
-                cb[name], g0, cb[rows_t][:, t0:t0 + _CHUNK_TILES, :], g_rows, tl_ps))
-    jobs.append(lambda: _bwd_chunk_prep(cb, nrk, n_rows, tl_ps))
-    return jobs
+            jobs += [lambda name=name, rows_t=rows_t, g0=g0, g_rows=g_rows, t0=t0: _transpose_rows(
+                cb[name], g0, cb[rows_t][:, t0:t0 + _CHUNK_TILES, :], g_rows, tl_ps)] + wait
+    return jobs + [lambda: _bwd_chunk_prep(cb, nrk, n_rows)] + wait + [lambda: _bwd_dlt_rows(cb, nrk, n_rows)]
 
 
-def _bwd_chunk_prep(cb, nrk, n_rows, tl_ps):
+def _bwd_chunk_prep(cb, nrk, n_rows):
     """Per query chunk: neg_lse = -lse (the exp bias) and the stationary rows of the -Dlt rank update,
     Dlt = rowsum(do * o) in fp32. bf16: -Dlt = hi + lo (hi = bf16(-Dlt), lo = bf16(-Dlt - hi)), so the fp32
-    PSUM sum dp + hi + lo carries -Dlt to ~2^-16 relative; fp32: the one row -Dlt. dl_rows[r, i*128 + p] is
-    row r of query p of tile i (TensorE transposes of the [rows, nrk] columns)."""
+    PSUM sum dp + hi + lo carries -Dlt to ~2^-16 relative; fp32: the one row -Dlt (hl[:, :, r] is row r of
+    _bwd_dlt_rows)."""
     for rows, t0, t1 in _tile_groups(n_rows):
         nisa.tensor_tensor(dst=cb["prod"][0:rows, t0:t1, :], data1=cb["do_rows"][0:rows, t0:t1, :],
                            data2=cb["o_rows"][0:rows, t0:t1, :], op=nl.multiply)
@@ -426,12 +402,13 @@ def _bwd_chunk_prep(cb, nrk, n_rows, tl_ps):
         if nrk == 2:
             nisa.tensor_tensor(dst=hl[0:rows, t0:t1, 1], data1=cb["negd"][0:rows, t0:t1],
                                data2=hl[0:rows, t0:t1, 0], op=nl.subtract)
-    for g0 in range(0, n_rows, _CHUNK_TILES * _P):
-        g_rows = min(_CHUNK_TILES * _P, n_rows - g0)
-        for r0, rows in _tiles(g_rows):
-            t = (g0 + r0) // _P
-            nisa.nc_transpose(dst=tl_ps[0:nrk, r0:r0 + rows], data=cb["hl"][0:rows, t, 0:nrk])
-        nisa.tensor_copy(dst=cb["dl_rows"][0:nrk, g0:g0 + g_rows], src=tl_ps[0:nrk, 0:g_rows])
+
+
+def _bwd_dlt_rows(cb, nrk, n_rows):
+    """dl_rows [nrk, n_rows] from _bwd_chunk_prep's [rows, nrk] columns by SBUF -> SBUF DMAs (no engine time)."""
+    for t, (i0, rows) in enumerate(_tiles(n_rows)):
+        for r in range(nrk):
+            nisa.dma_copy(dst=cb["dl_rows"][r:r + 1, i0:i0 + rows], src=cb["hl"][0:rows, t, r:r + 1])
 
 
 @nki.jit
@@ -487,8 +464,8 @@ def flash_bwd(q, k, v, o, do, lse, causal=True, softmax_scale=1.0):
                        lse=nl.ndarray((_P, CT), dtype=f32, buffer=nl.sbuf),
                        neg_lse=nl.ndarray((_P, CT), dtype=f32, buffer=nl.sbuf),
                        dq_sb=nl.ndarray((_P, CT, D), dtype=dt, buffer=nl.sbuf)) for _ in range(2)]
-    p_sb = nl.ndarray((_P, 2, BLK), dtype=dt, buffer=nl.sbuf)
-    ds_sb = nl.ndarray((_P, 2, BLK), dtype=dt, buffer=nl.sbuf)
+    p_sb = nl.ndarray((_P, _BWD_LAG_B + 1, BLK), dtype=dt, buffer=nl.sbuf)
+    ds_sb = nl.ndarray((_P, _BWD_LAG_B + 1, BLK), dtype=dt, buffer=nl.sbuf)
     ds_t = nl.ndarray((_P, 2, NSUB * _P), dtype=dt, buffer=nl.sbuf)
     out_sb = nl.ndarray((_P, _CHUNK_TILES, D), dtype=dt, buffer=nl.sbuf)
     n_chunks = n_blocks = 0
@@ -552,7 +529,7 @@ def _bwd_pipeline(units, cb, S, causal, c, nrk, k_t, v_t, k_rows, ones, dk_acc, 
 
     def stage_a(u, unit):
         bi, j0, w, i, i0, rows, q0, _ = unit
-        x = u % 2
+        x, xp = u % 2, u % (_BWD_LAG_B + 1)
         nisa.nc_matmul(dst=s_ps[0:rows, x, 0:w], stationary=cb["q_t"][:, i0:i0 + rows], moving=k_t[:, j0:j0 + w],
                        accumulate=False, name="scores")
         # dp - Dlt: do @ v^T, then the rank-nrk update (-Dlt)^T @ ones accumulated in fp32 PSUM
@@ -561,31 +538,31 @@ def _bwd_pipeline(units, cb, S, causal, c, nrk, k_t, v_t, k_rows, ones, dk_acc, 
         nisa.nc_matmul(dst=dp_ps[0:rows, x, 0:w], stationary=cb["dl_rows"][0:nrk, i0:i0 + rows],
                        moving=ones[0:nrk, 0:w], accumulate=True, name="minus_dlt")
         # p = exp(c*s - lse), fp32 on ScalarE, rounded to dt
-        nisa.activation(dst=p_sb[0:rows, x, 0:w], op=nl.exp, data=s_ps[0:rows, x, 0:w],
+        nisa.activation(dst=p_sb[0:rows, xp, 0:w], op=nl.exp, data=s_ps[0:rows, x, 0:w],
                         bias=cb["neg_lse"][0:rows, i:i + 1], scale=c)
         if causal and j0 + w == q0 + rows:
             d0 = q0 - j0         # keys j0+d0+f against queries q0+p: p becomes exactly 0 where f > p (select)
-            nisa.affine_select(dst=p_sb[0:rows, x, d0:d0 + rows], pattern=[[-1, rows]], channel_multiplier=1,
-                               on_true_tile=p_sb[0:rows, x, d0:d0 + rows], on_false_value=0.0,
+            nisa.affine_select(dst=p_sb[0:rows, xp, d0:d0 + rows], pattern=[[-1, rows]], channel_multiplier=1,
+                               on_true_tile=p_sb[0:rows, xp, d0:d0 + rows], on_false_value=0.0,
                                cmp_op=nl.greater_equal, offset=0, name="causal_mask")
         # ds = p * (dp - Dlt) (fp32), rounded to dt
-        nisa.tensor_tensor(dst=ds_sb[0:rows, x, 0:w], data1=dp_ps[0:rows, x, 0:w], data2=p_sb[0:rows, x, 0:w],
+        nisa.tensor_tensor(dst=ds_sb[0:rows, xp, 0:w], data1=dp_ps[0:rows, x, 0:w], data2=p_sb[0:rows, xp, 0:w],
                            op=nl.multiply, name="ds")
 
     def stage_b(u, unit):
         bi, j0, w, i, i0, rows, q0, last = unit
-        x, pb = u % 2, bi % 2
+        x, pb, xp = u % 2, bi % 2, u % (_BWD_LAG_B + 1)
         tx = x * _BWD_BLOCK
         subs = _tiles(w)
         for jj, (k0, kw) in enumerate(subs):
             acc = (bi, jj) in kv_started
             kv_started[(bi, jj)] = True
-            nisa.nc_matmul(dst=dv_ps[0:kw, pb, jj, :], stationary=p_sb[0:rows, x, k0:k0 + kw],
+            nisa.nc_matmul(dst=dv_ps[0:kw, pb, jj, :], stationary=p_sb[0:rows, xp, k0:k0 + kw],
                            moving=cb["do_rows"][0:rows, i, :], accumulate=acc, name="dv")
-            nisa.nc_matmul(dst=dk_ps[0:kw, pb, jj, :], stationary=ds_sb[0:rows, x, k0:k0 + kw],
+            nisa.nc_matmul(dst=dk_ps[0:kw, pb, jj, :], stationary=ds_sb[0:rows, xp, k0:k0 + kw],
                            moving=cb["q_rows"][0:rows, i, :], accumulate=acc, name="dk")
         for jj, (k0, kw) in enumerate(subs):
-            nisa.nc_transpose(dst=t_ps[0:kw, tx + jj * rows:tx + (jj + 1) * rows], data=ds_sb[0:rows, x, k0:k0 + kw])
+            nisa.nc_transpose(dst=t_ps[0:kw, tx + jj * rows:tx + (jj + 1) * rows], data=ds_sb[0:rows, xp, k0:k0 + kw])
         n_full = sum(1 for _, kw in subs if kw == _P)
         if n_full:
             nisa.activation(dst=ds_t[:, x, 0:n_full * rows], op=nl.copy, data=t_ps[:, tx:tx + n_full * rows])
@@ -612,13 +589,13 @@ def _bwd_pipeline(units, cb, S, causal, c, nrk, k_t, v_t, k_rows, ones, dk_acc, 
     n = len(units)
     side_jobs = list(side_jobs)
     start = max(2, n // 3)        # the next chunk's loads (WAR on the chunk before this one) have landed by then
-    for t in range(n + 2):
+    for t in range(n + _BWD_LAG_C):
         if t < n:
             stage_a(t, units[t])
-        if 0 <= t - 1 < n:
-            stage_b(t - 1, units[t - 1])
-        if 0 <= t - 2 < n:
-            stage_c(t - 2, units[t - 2])
+        if 0 <= t - _BWD_LAG_B < n:
+            stage_b(t - _BWD_LAG_B, units[t - _BWD_LAG_B])
+        if 0 <= t - _BWD_LAG_C < n:
+            stage_c(t - _BWD_LAG_C, units[t - _BWD_LAG_C])
         if t >= start and side_jobs:
             side_jobs.pop(0)()
     for job in side_jobs:
