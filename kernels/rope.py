@@ -9,30 +9,70 @@ Convention: Hugging Face Llama ``apply_rotary_pos_emb`` (rotate-half), with x = 
     backward  dx = dy * cos + rotate_half^T(dy * sin),     rotate_half^T(u) = [ u2 | -u1]
               dx1 = dy1 * cos1 + dy2 * sin2 ;  dx2 = dy2 * cos2 - dy1 * sin1
 (with HF's cos/sin = cat(freqs, freqs) this equals the forward with sin -> -sin, but the kernel does
-not rely on that). Numerics: every product and sum in fp32 inside the engines, one rounding to the
-input dtype per output element (PyTorch in bf16 rounds three times, after each product and the sum).
+not rely on that).
 
-Layout: q [B, Hq, S, D], k [B, Hkv, S, D], cos/sin [B, S, D]. For each (b, tile of 128 positions)
-the cos/sin tiles are loaded once and reused for all q and k heads; the heads are stacked on the free
-axis of one SBUF tile [128, G, D] (one DMA per head) so that five VectorE instructions rotate all of
-them, with cos/sin broadcast over the head axis by a stride-0 view (no copy). Each input byte is read
-once and each output byte written once: that is the minimum-bytes schedule.
+Computation: with a signed sine table s' (forward [sin2 | -sin1], backward [-sin1 | sin2]),
+    p = cast(x * cos),  r = cast(x * s')                    VectorE, two products per element
+    out = cast(p + swap_halves(r))                          TensorE identity matmuls accumulating p and
+                                                            the two halves of r (moving views) in fp32
+                                                            PSUM; ScalarE evicts PSUM to the output tile
+Numerics (casting order): the two products are rounded to the input dtype, then summed in fp32 and rounded
+once more: exactly where PyTorch in bf16 rounds (x * cos, rotate_half(x) * sin, their sum); the negation
+and the half swap are exact. For fp32 inputs every value is fp32 (fp32 matmuls).
+
+Layout: q [B, Hq, S, D], k [B, Hkv, S, D], cos/sin [B, S, D]. The first S0 = 128 * (S // 128) positions
+of a head are read as [128, S // 128, D] (partition p holds positions p * T .. p * T + T - 1, contiguous
+in HBM), in chunks of up to CHUNK_BYTES per partition; the S - S0 leftover positions are one [r, 1, D]
+block. Per (b, chunk) cos/sin are loaded once and reused for all q and k heads. Each input byte is read
+once and each output byte written once: the minimum-bytes schedule. Why not faster: the two products are
+2 x S x D x (Hq + Hkv) / 128 VectorE cycles per batch row at 1.12 GHz (bf16 fast path, N cycles each);
+at Llama 2 7B per rank that is 58.5 us against an HBM floor of 46 us, so the kernel is VectorE-bound at
+<= 79% of the HBM roofline in the cost model (GpSimd shares VectorE's SBUF port and is slower for
+two-input ops; ScalarE and TensorE cannot multiply two tensors elementwise).
 """
 from __future__ import annotations
 
 from kernels.nki_compat import nki, nl, nisa
 
 MAX_HEAD_DIM = 128
-# Heads per SBUF group: G * D <= 4096 elements, i.e. the fp32 temporaries stay at 16 KiB per partition.
-_GROUP_ELEMS = 4096
+CHUNK_BYTES = 8192     # bytes per partition of one head's chunk (>= 4 KiB: DMA efficiency guideline)
+_NBUF = 3              # load ring depth
+_PSUM_F = 512          # fp32 elements of one PSUM bank per partition
+_NBANK = 4             # PSUM banks cycled by the identity-matmul sums
+
+
+def _blocks(S, D, itemsize, P):
+    """(position offset, rows, positions per partition T, chunk start, chunk length) of every block."""
+    T = S // P
+    tc = max(1, min(T, CHUNK_BYTES // (D * itemsize)))
+    out = [(0, P, T, j0, min(tc, T - j0)) for j0 in range(0, T, tc)]
+    if S - T * P:
+        out.append((T * P, S - T * P, 1, 0, 1))
+    return out
+
+
+def _view(t, s0, rows, T, j0, nt):
+    """[rows, nt, D] view of positions s0 + p * T + j0 .. + nt - 1 of a [S, D] HBM tensor t."""
+    return t[s0:s0 + rows * T, :].reshape((rows, T, t.shape[-1]))[:, j0:j0 + nt, :]
+
+
+def _identity(P, dt):
+    ones = nl.ndarray((P, P), dtype=dt, buffer=nl.sbuf)
+    nisa.memset(dst=ones, value=1.0)
+    ident = nl.ndarray((P, P), dtype=dt, buffer=nl.sbuf)
+    # a = p - j == 0 on the diagonal (GpSimd affine_select, nki-spec 2.6)
+    nisa.affine_select(dst=ident, pattern=[[-1, P]], channel_multiplier=1, on_true_tile=ones,
+                       on_false_value=0.0, cmp_op=nl.equal)
+    return ident
 
 
 @nki.jit
 def rope_kernel(q, k, cos, sin, inverse=False):
     """Rotate q and k (forward) or their gradients (inverse=True); returns (q_out, k_out) in q.dtype.
 
-    SBUF per partition (worst case, fp32, G * D = 4096): input 16 KiB + product 16 KiB + two
-    half-width products 16 KiB + output 16 KiB + cos/sin 1 KiB -> 65 KiB. No PSUM.
+    SBUF per partition (chunks of 8 KiB): x ring 3 x 8 KiB + cos, sin, s' 3 x 8 KiB (two instances each
+    while a loop rebinds them) + p, r, out 3 x 8 KiB (two instances each) + identity 256 B (bf16) or
+    512 B -> <= 121 KiB. PSUM: _NBANK banks.
     """
     B, Hq, S, D = q.shape
     Hkv = k.shape[1]
@@ -42,48 +82,50 @@ def rope_kernel(q, k, cos, sin, inverse=False):
     f32 = nl.float32
     q_out = nl.ndarray(q.shape, dtype=dt, buffer=nl.shared_hbm)
     k_out = nl.ndarray(k.shape, dtype=dt, buffer=nl.shared_hbm)
-
-    # All heads of q then k, as (source, destination, head) triples; grouped to bound SBUF.
     heads = [(q, q_out, h) for h in range(Hq)] + [(k, k_out, h) for h in range(Hkv)]
-    group = max(1, _GROUP_ELEMS // D)
-    groups = [heads[i:i + group] for i in range(0, len(heads), group)]
-    # Forward: lo = x1*c1 - x2*s1, hi = x2*c2 + x1*s2.  Backward: lo = x1*c1 + x2*s2, hi = x2*c2 - x1*s1.
-    op_lo = nl.add if inverse else nl.subtract
-    op_hi = nl.subtract if inverse else nl.add
-    sin_for_lo = (half, D) if inverse else (0, half)
-    sin_for_hi = (0, half) if inverse else (half, D)
-
+    ident = _identity(P, dt)
+    blocks = _blocks(S, D, dt.itemsize, P)
+    tcmax = max(nt for *_, nt in blocks)
+    pb = max(1, _PSUM_F // D)                 # positions per PSUM bank
+    x_r = nl.ndarray((P, _NBUF, tcmax, D), dtype=dt, buffer=nl.sbuf)
+    banks = [nl.ndarray((P, _PSUM_F), dtype=f32, buffer=nl.psum) for _ in range(_NBANK)]
+    # s' = [sin2 | -sin1] (forward) or [-sin1 | sin2] (backward): (source half, sign) per destination half.
+    s_lo, s_hi = ((0, -1.0), (half, 1.0)) if inverse else ((half, 1.0), (0, -1.0))
+    it = 0
+    bank = 0
     for b in range(B):
-        for s0 in range(0, S, P):
-            rows = min(P, S - s0)
-            cos_t = nl.ndarray((P, 1, D), dtype=cos.dtype, buffer=nl.sbuf)
-            sin_t = nl.ndarray((P, 1, D), dtype=sin.dtype, buffer=nl.sbuf)
-            nisa.dma_copy(dst=cos_t[0:rows, 0, :], src=cos[b, s0:s0 + rows, :])
-            nisa.dma_copy(dst=sin_t[0:rows, 0, :], src=sin[b, s0:s0 + rows, :])
-            for grp in groups:
-                G = len(grp)
-                x_t = nl.ndarray((P, G, D), dtype=dt, buffer=nl.sbuf)
-                for j in range(G):
-                    src, _, h = grp[j]
-                    nisa.dma_copy(dst=x_t[0:rows, j, :], src=src[b, h, s0:s0 + rows, :])
-                cos_b = cos_t[0:rows].broadcast(1, G)
-                sin_b = sin_t[0:rows].broadcast(1, G)
-                xc = nl.ndarray((P, G, D), dtype=f32, buffer=nl.sbuf)
-                nisa.tensor_tensor(dst=xc[0:rows], data1=x_t[0:rows], data2=cos_b, op=nl.multiply)
-                t_lo = nl.ndarray((P, G, half), dtype=f32, buffer=nl.sbuf)
-                nisa.tensor_tensor(dst=t_lo[0:rows], data1=x_t[0:rows, :, half:D],
-                                   data2=sin_b[:, :, sin_for_lo[0]:sin_for_lo[1]], op=nl.multiply)
-                t_hi = nl.ndarray((P, G, half), dtype=f32, buffer=nl.sbuf)
-                nisa.tensor_tensor(dst=t_hi[0:rows], data1=x_t[0:rows, :, 0:half],
-                                   data2=sin_b[:, :, sin_for_hi[0]:sin_for_hi[1]], op=nl.multiply)
-                o_t = nl.ndarray((P, G, D), dtype=dt, buffer=nl.sbuf)
-                nisa.tensor_tensor(dst=o_t[0:rows, :, 0:half], data1=xc[0:rows, :, 0:half],
-                                   data2=t_lo[0:rows], op=op_lo)
-                nisa.tensor_tensor(dst=o_t[0:rows, :, half:D], data1=xc[0:rows, :, half:D],
-                                   data2=t_hi[0:rows], op=op_hi)
-                for j in range(G):
-                    _, dst, h = grp[j]
-                    nisa.dma_copy(dst=dst[b, h, s0:s0 + rows, :], src=o_t[0:rows, j, :])
+        for s0, rows, T, j0, nt in blocks:
+            cos_t = nl.ndarray((P, tcmax, D), dtype=cos.dtype, buffer=nl.sbuf)
+            nisa.dma_copy(dst=cos_t[0:rows, 0:nt, :], src=_view(cos[b], s0, rows, T, j0, nt))
+            sin_t = nl.ndarray((P, tcmax, D), dtype=sin.dtype, buffer=nl.sbuf)
+            nisa.dma_copy(dst=sin_t[0:rows, 0:nt, :], src=_view(sin[b], s0, rows, T, j0, nt))
+            sp = nl.ndarray((P, tcmax, D), dtype=dt, buffer=nl.sbuf)
+            for (src0, sign), d0 in ((s_lo, 0), (s_hi, half)):
+                nisa.activation(dst=sp[0:rows, 0:nt, d0:d0 + half], op=nl.copy,
+                                data=sin_t[0:rows, 0:nt, src0:src0 + half], scale=sign)
+            for src, dst, h in heads:
+                x_t = x_r[0:rows, it % _NBUF, 0:nt, :]
+                it += 1
+                nisa.dma_copy(dst=x_t, src=_view(src[b, h], s0, rows, T, j0, nt))
+                p_t = nl.ndarray((P, tcmax, D), dtype=dt, buffer=nl.sbuf)
+                nisa.tensor_tensor(dst=p_t[0:rows, 0:nt, :], data1=x_t, data2=cos_t[0:rows, 0:nt, :],
+                                   op=nl.multiply)
+                r_t = nl.ndarray((P, tcmax, D), dtype=dt, buffer=nl.sbuf)
+                nisa.tensor_tensor(dst=r_t[0:rows, 0:nt, :], data1=x_t, data2=sp[0:rows, 0:nt, :],
+                                   op=nl.multiply)
+                o_t = nl.ndarray((P, tcmax, D), dtype=dt, buffer=nl.sbuf)
+                for j in range(0, nt, pb):
+                    n = min(pb, nt - j)
+                    ps = banks[bank % _NBANK][:, 0:pb * D].reshape((P, pb, D))[0:rows, 0:n, :]
+                    bank += 1
+                    idn = ident[0:rows, 0:rows]
+                    nisa.nc_matmul(dst=ps, stationary=idn, moving=p_t[0:rows, j:j + n, :], accumulate=False)
+                    nisa.nc_matmul(dst=ps[:, :, 0:half], stationary=idn, moving=r_t[0:rows, j:j + n, half:D],
+                                   accumulate=True)
+                    nisa.nc_matmul(dst=ps[:, :, half:D], stationary=idn, moving=r_t[0:rows, j:j + n, 0:half],
+                                   accumulate=True)
+                    nisa.activation(dst=o_t[0:rows, j:j + n, :], op=nl.copy, data=ps)
+                nisa.dma_copy(dst=_view(dst[b, h], s0, rows, T, j0, nt), src=o_t[0:rows, 0:nt, :])
     return q_out, k_out
 
 
