@@ -71,6 +71,9 @@ def parse_args(argv=None):
     p.add_argument("--data", nargs="+", help="PREFIX[:WEIGHT] indexed datasets (default: the embedded corpus)")
     p.add_argument("--tokenizer", help="sentencepiece model of --data (checked against the model's vocabulary)")
     p.add_argument("--data-cache", help="where the embedded corpus is built once")
+    p.add_argument("--verify-data", choices=("fast", "full", "off"),
+                   help="check --data against the checksums python -m llama.data recorded (default fast: indexes and "
+                        "sizes in full, .bin in full up to 256 MiB, sampled above; see llama/data/checksums.py)")
     p.add_argument("--init-from-hf", help="Hugging Face Llama directory to fine-tune from")
     p.add_argument("--seq-len", type=int)
     p.add_argument("--micro-batch-size", type=int)
@@ -397,6 +400,7 @@ def unreadable_safetensors(hf_dir: str) -> str:
 
 def build_data(cfg, model_cfg, dp_rank, dp_size):
     from llama.data import BatchLoader, PackedDataset, check_vocab, prepare_default_data
+    from llama.data.checksums import check_tokenizer
     if cfg.data:
         sources = [parse_data_entry(e) for e in cfg.data]
         tokenizer = cfg.tokenizer
@@ -405,7 +409,10 @@ def build_data(cfg, model_cfg, dp_rank, dp_size):
         sources, tokenizer = default["sources"], default["tokenizer"]
     if tokenizer:
         check_vocab(tokenizer, model_cfg.vocab_size)
-    ds = PackedDataset(sources, cfg.seq_len, seed=cfg.seed, split="train", vocab_size=model_cfg.vocab_size)
+        for prefix, _ in sources if cfg.data else []:
+            check_tokenizer(prefix, tokenizer)         # the tokenizer the data was made with (sha256)
+    ds = PackedDataset(sources, cfg.seq_len, seed=cfg.seed, split="train", vocab_size=model_cfg.vocab_size,
+                       verify=cfg.verify_data)
     return BatchLoader(ds, cfg.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size, seed=cfg.seed)
 
 

@@ -109,7 +109,7 @@ def test_cli_end_to_end_with_trained_tokenizer(tmp_path):
     assert tok.decode(ds[0][:-1]) == make_texts(300, seed=4)[0]
     mtime = os.stat(tmp_path / "d.tokenizer.model").st_mtime_ns
     assert main(["--input", inp, "--output-prefix", str(tmp_path / "d"), "--train-tokenizer", "--vocab-size",
-                 "350", "--no-progress"]) == 0
+                 "350", "--no-progress", "--force"]) == 0
     assert os.stat(tmp_path / "d.tokenizer.model").st_mtime_ns == mtime    # the cached tokenizer is reused
 
 

@@ -36,6 +36,8 @@ import time
 import torch
 import torch.distributed as dist
 
+from llama.data.indexed import owner_gone      # the *.tmp-<pid> rule the data pipeline uses too
+
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 FORMAT_VERSION = 1
 
@@ -270,19 +272,3 @@ def newest_intact(out_dir: str) -> str | None:
         except CheckpointError:
             continue
     return None
-
-
-def owner_gone(name: str) -> bool:
-    """Whether the process whose pid ends a ``*.tmp-<pid>`` / ``*.old-<pid>`` name no longer runs on this host
-    (its leftover is then safe to delete). The run-directory lock (``training.rundir``) keeps other trainers out
-    of the directory; this keeps a save from deleting what a live process is still writing."""
-    pid = name.rsplit("-", 1)[-1]
-    if not pid.isdigit() or int(pid) == os.getpid():
-        return True
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:            # alive, another user's
-        return False
-    return False

@@ -40,6 +40,7 @@ class TrainConfig:
     data: list = field(default_factory=list)
     tokenizer: str | None = None
     data_cache: str = os.path.join(os.path.expanduser("~"), ".cache", "llama-trn", "data")
+    verify_data: str = "fast"                  # checksums of --data: fast | full | off (llama/data/checksums.py)
     seq_len: int = 128
     # batch: global = micro * dp * grad_accum
     micro_batch_size: int = 8
@@ -92,6 +93,7 @@ class TrainConfig:
         need(self.kernels is None or self.kernels in KERNELS,
              f"kernels {self.kernels!r} is not one of {', '.join(KERNELS)}")
         need(self.native in NATIVE, f"native {self.native!r} is not one of {', '.join(NATIVE)}")
+        need(self.verify_data in ("fast", "full", "off"), f"verify_data {self.verify_data!r} is not fast, full or off")
         need(self.activation_checkpointing in AC_MODES,
              f"activation_checkpointing {self.activation_checkpointing!r} is not one of {', '.join(AC_MODES)}")
         need(self.pp_schedule in PP_SCHEDULES, f"pp_schedule {self.pp_schedule!r} is not one of "

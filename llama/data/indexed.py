@@ -39,6 +39,32 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size < 65500 else np.int32)
 
 
+def owner_gone(name: str) -> bool:
+    """Whether the process whose pid ends a temporary name (``*.tmp-<pid>``) no longer runs on this host, so that
+    its leftover (a killed run's) is safe to delete; a live process's is never touched."""
+    pid = name.rsplit("-", 1)[-1]
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:            # alive, another user's
+        return False
+    return False
+
+
+def remove_stale_temporaries(prefix: str) -> list[str]:
+    """Delete ``PREFIX.*.tmp-<pid>`` files of killed runs (pid gone); returns what was removed."""
+    folder, base = os.path.split(os.path.abspath(prefix))
+    removed = []
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        if name.startswith(base + ".") and ".tmp-" in name and owner_gone(name):
+            os.unlink(os.path.join(folder, name))
+            removed.append(os.path.join(folder, name))
+    return removed
+
+
 def split_prefix(path: str) -> str:
     """``data/x``, ``data/x.bin`` and ``data/x.idx`` all name the dataset ``data/x``."""
     for ext in (".bin", ".idx"):

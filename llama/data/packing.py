@@ -24,6 +24,7 @@ import os
 import numpy as np
 import torch
 
+from llama.data.checksums import verify_dataset
 from llama.data.errors import DataError
 from llama.data.indexed import IndexedDataset, split_prefix
 
@@ -39,8 +40,9 @@ class _PackedSource:
     """One indexed dataset's split as a stream of overlapping windows of seq_len + 1 tokens."""
 
     def __init__(self, prefix: str, seq_len: int, seed: int, split: str, valid_fraction: float, index: int,
-                 vocab_size: int | None):
+                 vocab_size: int | None, verify: str = "fast"):
         self.prefix = split_prefix(os.fspath(prefix))
+        verify_dataset(self.prefix, verify)        # recorded checksums (llama.data.checksums), before any read
         self.data = IndexedDataset(self.prefix)
         if vocab_size is not None:
             self.data.check_vocab(vocab_size)
@@ -112,11 +114,13 @@ class PackedDataset:
     """Packed samples of one split of several weighted sources; ``ds[i] -> (input_ids, labels)``, numpy int64 [S].
 
     ``sources``: ``[(prefix, weight), ...]`` (a bare prefix means weight 1). ``vocab_size``: when given, every
-    source's token ids are checked to be below it (DataError naming the file otherwise).
+    source's token ids are checked to be below it (DataError naming the file otherwise). ``verify``: how the
+    checksums recorded by ``python -m llama.data`` are checked before use (fast | full | off, see
+    llama/data/checksums.py).
     """
 
     def __init__(self, sources, seq_len: int, seed: int = 0, split: str = "train", valid_fraction: float = 0.01,
-                 vocab_size: int | None = None):
+                 vocab_size: int | None = None, verify: str = "fast"):
         if split not in SPLITS:
             raise ValueError(f"PackedDataset: split must be one of {SPLITS}, got {split!r}")
         if isinstance(sources, (str, os.PathLike)):
@@ -132,7 +136,7 @@ class PackedDataset:
         if not 0 <= valid_fraction < 1:
             raise ValueError(f"PackedDataset: valid_fraction must be in [0, 1), got {valid_fraction}")
         self.seq_len, self.seed, self.split = seq_len, seed, split
-        self.sources = [_PackedSource(p, seq_len, seed, split, valid_fraction, j, vocab_size)
+        self.sources = [_PackedSource(p, seq_len, seed, split, valid_fraction, j, vocab_size, verify)
                         for j, (p, _) in enumerate(sources)]
         self.weights = [float(w) for _, w in sources]
         counts = [s.num_windows for s in self.sources]

@@ -21,12 +21,14 @@ import collections
 import itertools
 import json
 import os
+import signal
 import sys
 
 import numpy as np
 
+from llama.data.checksums import dataset_checksums
 from llama.data.errors import DataError
-from llama.data.indexed import IndexedDatasetWriter, split_prefix, token_dtype
+from llama.data.indexed import IndexedDatasetWriter, remove_stale_temporaries, split_prefix, token_dtype
 from llama.data.reading import CHUNK_BYTES, _text_field, chunk_objects, iter_spans
 from llama.data.sft import DEFAULT_PROMPT_TEMPLATE, format_qnli, prompt_and_answer, split_template
 from llama.data.tokenizer import Tokenizer, sha256_file, train_tokenizer, write_json_atomic
@@ -71,6 +73,9 @@ def array_encoder(sp):
 
 
 def _init_worker(tokenizer_path: str, mode: str, json_key: str, prompt_template: str, append_eod: bool):
+    mp = sys.modules.get("multiprocessing")           # imported only when there are worker processes
+    if mp is not None and mp.parent_process() is not None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the parent's to handle (one line, no tracebacks)
     tok = Tokenizer(tokenizer_path)
     dtype = token_dtype(tok.vocab_size)
     _WORKER.update(encode=array_encoder(tok.sp), dtype=dtype, mode=mode, json_key=json_key,
@@ -138,10 +143,10 @@ def _ordered_results(chunks, workers: int, initargs):
         for c in chunks:
             yield _process_chunk(c)
         return
-    import multiprocessing        # here: ~6 ms of the CLI's start-up that one worker does not need
-
     # fork: a worker needs only this module and sentencepiece, already loaded; spawn would start fresh interpreters
     # that re-import the caller's main module (torch, when called from a training script) in every worker.
+    import multiprocessing        # here: ~6 ms of the CLI's start-up that one worker does not need
+
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     ctx = multiprocessing.get_context(method)
     with ctx.Pool(workers, initializer=_init_worker, initargs=initargs) as pool:
@@ -157,10 +162,12 @@ def _ordered_results(chunks, workers: int, initargs):
 # ---------------------------------------------------------------------------------------------- driver
 def prepare(inputs, output_prefix: str, tokenizer: str, mode: str = "text", json_key: str = "text",
             prompt_template: str = DEFAULT_PROMPT_TEMPLATE, workers: int = 1, append_eod: bool = True,
-            progress: bool = False, chunk_bytes: int = CHUNK_BYTES) -> dict:
+            progress: bool = False, chunk_bytes: int = CHUNK_BYTES, force: bool = True) -> dict:
     """Tokenize JSONL ``inputs`` into ``output_prefix.{bin,idx}`` (+ ``.lossmask`` for sft/qnli); returns the
-    metadata also written to ``output_prefix.meta.json``. ``chunk_bytes``: input bytes per chunk of work (the
-    output does not depend on it)."""
+    metadata also written to ``output_prefix.meta.json`` (with the files' checksums, ``llama.data.checksums``).
+    ``chunk_bytes``: input bytes per chunk of work (the output does not depend on it). ``force=False`` refuses to
+    replace an existing dataset (the CLI's default). Temporaries of killed runs (``PREFIX.*.tmp-<pid>``, pid gone)
+    are removed first."""
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
     inputs = [os.fspath(p) for p in inputs]
@@ -169,9 +176,11 @@ def prepare(inputs, output_prefix: str, tokenizer: str, mode: str = "text", json
     if mode != "text":
         split_template(prompt_template)      # a bad template fails before any work
     for p in inputs:
+        if os.path.isdir(p):
+            raise DataError(f"{p}: is a directory; --input takes JSONL files (for example {os.path.join(p, '*.jsonl')})")
         if not os.path.isfile(p):
             raise DataError(f"{p}: no such input file")
-    prefix = split_prefix(os.fspath(output_prefix))
+    prefix = check_output_prefix(os.fspath(output_prefix), force)
     tok = Tokenizer(tokenizer)
     writer = IndexedDatasetWriter(prefix, vocab_size=tok.vocab_size)
     mask_writer = IndexedDatasetWriter(prefix + ".lossmask", dtype=np.uint8) if mode != "text" else None
@@ -206,6 +215,7 @@ def prepare(inputs, output_prefix: str, tokenizer: str, mode: str = "text", json
         if mask_writer is not None:
             mask_writer.finalize()
         writer.finalize()
+        meta["checksums"] = dataset_checksums(prefix)
         write_json_atomic(prefix + ".meta.json", meta)
         return meta
     except BaseException:
@@ -216,6 +226,30 @@ def prepare(inputs, output_prefix: str, tokenizer: str, mode: str = "text", json
     finally:
         if bar is not None:
             bar.close()
+
+
+def check_output_prefix(output_prefix: str, force: bool) -> str:
+    """The dataset prefix of ``output_prefix``, after removing killed runs' temporaries; DataError for a directory,
+    for a folder that cannot be written, or for an existing dataset without ``force``."""
+    prefix = split_prefix(output_prefix)
+    if output_prefix.endswith(os.sep) or os.path.isdir(prefix):
+        raise DataError(f"--output-prefix {output_prefix} is a directory; give a file prefix inside it (for example "
+                        f"{os.path.join(prefix, 'data')}: writes data.bin, data.idx, data.meta.json)")
+    folder = os.path.dirname(os.path.abspath(prefix))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, f".write-probe-{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise DataError(f"--output-prefix {output_prefix}: cannot write in {folder} ({e.strerror})") from None
+    for stale in remove_stale_temporaries(prefix):
+        print(f"note: removed {stale} (left by a killed run)", file=sys.stderr)
+    existing = [prefix + s for s in (".bin", ".idx") if os.path.exists(prefix + s)]
+    if existing and not force:
+        raise DataError(f"{' and '.join(existing)} already exist; pass --force to replace the dataset")
+    return prefix
 
 
 def obtain_tokenizer(prefix: str, inputs, vocab_size: int, mode: str, json_key: str, prompt_template: str) -> str:
@@ -231,6 +265,10 @@ def obtain_tokenizer(prefix: str, inputs, vocab_size: int, mode: str, json_key: 
             return model_prefix + ".model"
     path = train_tokenizer(iter_training_texts(inputs, mode, json_key, prompt_template), vocab_size, model_prefix)
     meta = Tokenizer(path).meta()
+    if meta["vocab_size"] < vocab_size:
+        print(f"note: the trained tokenizer {path} has {meta['vocab_size']} pieces, fewer than --vocab-size "
+              f"{vocab_size} (the corpus has too few distinct merges); the dataset's vocabulary is "
+              f"{meta['vocab_size']}", file=sys.stderr)
     meta.update(trained_on=signature, mode=mode)
     write_json_atomic(sidecar, meta)
     return path
@@ -252,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--append-eod", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--force", action="store_true", help="replace an existing PREFIX.bin/.idx")
     return ap
 
 
@@ -271,9 +310,15 @@ def main(argv=None) -> int:
             tok = args.tokenizer
         meta = prepare(args.input, args.output_prefix, tok, mode=mode, json_key=args.json_key,
                        prompt_template=args.prompt_template, workers=args.workers, append_eod=args.append_eod,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, force=args.force)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted (Ctrl-C); no dataset was written (temporary files removed)", file=sys.stderr)
+        return 130
+    except OSError as e:                       # the output stopped being writable (disk full, permissions)
+        print(f"error: cannot write {e.filename or args.output_prefix}: {e.strerror or e}", file=sys.stderr)
         return 2
     print(f"wrote {meta['prefix']}.bin/.idx: {meta['documents']} documents, {meta['tokens']} tokens "
           f"({meta['dtype']}, vocab {meta['vocab_size']}, tokenizer {meta['tokenizer']})")
