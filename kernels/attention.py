@@ -70,6 +70,7 @@ _FWD_BLOCK = 2048        # keys per online-softmax step in the forward (scores s
 _BWD_BLOCK = 256         # keys per backward unit (two unit buffers of scores in one PSUM bank)
 _BWD_CHUNK_TILES = 8     # 128-row query tiles per backward chunk (dK/dV PSUM sums span 1024 queries)
 _CHUNK_TILES = 4         # 128-row tiles per DMA / per transpose group (512 rows)
+_BWD_KV_DOUBLE_MAX_SEQ = 4096  # backward: two K/V sets in SBUF (bf16) up to this length
 _BWD_LAG_B, _BWD_LAG_C = 3, 4   # backward pipeline: stages B and C of unit u emitted with stage A of u + lag
 _FWD_PV_LAG = 2          # forward pass 2: P @ V of key tile t emitted with the scores of tile t + 2
 _MASKED = -1.0e30        # selected for masked fp32 scores: exp(c * -1e30 - ...) == 0, no -inf arithmetic
@@ -363,6 +364,22 @@ def _tile_groups(n_rows):
     return ([(_P, 0, full)] if full else []) + ([(tail, full, full + 1)] if tail else [])
 
 
+def _bwd_kv_jobs(kvb, kh, vh, S, stage, tl_ps):
+    """Loading one kv head as a list of closures (see _bwd_chunk_jobs): zero the fp32 dK/dV sums; per 512 rows
+    the DMAs of K (kept as rows) and V (staged), then the K^T and V^T transposes."""
+    wait = [lambda: None] * 2
+    jobs = [lambda: (nisa.memset(dst=kvb["dk_acc"], value=0.0), nisa.memset(dst=kvb["dv_acc"], value=0.0))]
+    for gi, r0 in enumerate(range(0, S, _CHUNK_TILES * _P)):
+        rows, t0 = min(_CHUNK_TILES * _P, S - r0), r0 // _P
+        k_buf = kvb["k_rows"][:, t0:t0 + (rows + _P - 1) // _P, :]
+        v_buf = stage[gi % len(stage)]
+        jobs += [lambda r0=r0, rows=rows, k_buf=k_buf, v_buf=v_buf: (_load_rows(k_buf, kh, r0, rows),
+                                                                     _load_rows(v_buf, vh, r0, rows))] + wait
+        jobs += [lambda r0=r0, rows=rows, k_buf=k_buf: _transpose_rows(kvb["k_t"], r0, k_buf, rows, tl_ps)] + wait
+        jobs += [lambda r0=r0, rows=rows, v_buf=v_buf: _transpose_rows(kvb["v_t"], r0, v_buf, rows, tl_ps)]
+    return jobs
+
+
 def _bwd_chunk_jobs(cb, srcs, r0, n_rows, nrk, tl_ps):
     """The input work of one query chunk as a list of closures, so that the next chunk's work can be emitted
     one piece per pipeline step of the current chunk (each engine's queue then interleaves it with the units
@@ -444,11 +461,14 @@ def flash_bwd(q, k, v, o, do, lse, causal=True, softmax_scale=1.0):
     t_ps = nl.ndarray((_P, 2 * NSUB * _P), dtype=dt, buffer=nl.psum)   # dS^T of two units / load transposes
     tl_ps = nl.ndarray((_P, _CHUNK_TILES * _P), dtype=dt, buffer=nl.psum)
 
-    k_rows = nl.ndarray((_P, T, D), dtype=dt, buffer=nl.sbuf)
-    k_t = nl.ndarray((D, S), dtype=dt, buffer=nl.sbuf)
-    v_t = nl.ndarray((D, S), dtype=dt, buffer=nl.sbuf)
-    dk_acc = nl.ndarray((_P, T, D), dtype=f32, buffer=nl.sbuf)
-    dv_acc = nl.ndarray((_P, T, D), dtype=f32, buffer=nl.sbuf)
+    # K rows, K^T, V^T and the fp32 dK/dV sums of a kv head; two sets (the next head's loads overlap this head's
+    # compute) where SBUF holds them: bf16 up to S = 4096 (2 x 56 KiB per partition at S = 4096, D = 128)
+    kv_sets = 2 if dt != f32 and S <= _BWD_KV_DOUBLE_MAX_SEQ else 1
+    kv_bufs = [dict(k_rows=nl.ndarray((_P, T, D), dtype=dt, buffer=nl.sbuf),
+                    k_t=nl.ndarray((D, S), dtype=dt, buffer=nl.sbuf),
+                    v_t=nl.ndarray((D, S), dtype=dt, buffer=nl.sbuf),
+                    dk_acc=nl.ndarray((_P, T, D), dtype=f32, buffer=nl.sbuf),
+                    dv_acc=nl.ndarray((_P, T, D), dtype=f32, buffer=nl.sbuf)) for _ in range(kv_sets)]
     stage = [nl.ndarray((_P, _CHUNK_TILES, D), dtype=dt, buffer=nl.sbuf) for _ in range(2)]
     ones = nl.ndarray((nrk, BLK), dtype=dt, buffer=nl.sbuf)
     nisa.memset(dst=ones, value=1.0)
@@ -468,54 +488,62 @@ def flash_bwd(q, k, v, o, do, lse, causal=True, softmax_scale=1.0):
     ds_sb = nl.ndarray((_P, _BWD_LAG_B + 1, BLK), dtype=dt, buffer=nl.sbuf)
     ds_t = nl.ndarray((_P, 2, NSUB * _P), dtype=dt, buffer=nl.sbuf)
     out_sb = nl.ndarray((_P, _CHUNK_TILES, D), dtype=dt, buffer=nl.sbuf)
-    n_chunks = n_blocks = 0
+    n_blocks = 0
 
-    for b in range(B):
-        for g in range(Hkv):
-            _load_transposed(k_t, k[b, g], S, stage, [tl_ps, t_ps], rows_dst=k_rows)
-            _load_transposed(v_t, v[b, g], S, stage, [tl_ps, t_ps])
-            nisa.memset(dst=dk_acc, value=0.0)
-            nisa.memset(dst=dv_acc, value=0.0)
-            chunks = [(h, r0, min(CH, S - r0), chunk_bufs[(n_chunks + ci) % 2])
-                      for ci, (h, r0) in enumerate((h, r0) for h in range(g * G, (g + 1) * G)
-                                                   for r0 in range(0, S, CH))]
-            n_chunks += len(chunks)
+    heads = [(b_, g_) for b_ in range(B) for g_ in range(Hkv)]
+    chunks = [(hi, h, r0, min(CH, S - r0)) for hi, (b_, g_) in enumerate(heads)
+              for h in range(g_ * G, (g_ + 1) * G) for r0 in range(0, S, CH)]
 
-            def jobs_of(ci):
-                h, r0, n_rows, cb = chunks[ci]
-                return _bwd_chunk_jobs(cb, (q[b, h], do[b, h], o[b, h], lse[b, h]), r0, n_rows, nrk, tl_ps)
-            for job in jobs_of(0):
+    def kv_jobs(hi):
+        b_, g_ = heads[hi]
+        return _bwd_kv_jobs(kv_bufs[hi % kv_sets], k[b_, g_], v[b_, g_], S, stage, tl_ps)
+
+    def jobs_of(n):
+        hi, h, r0, n_rows = chunks[n]
+        b_ = heads[hi][0]
+        return _bwd_chunk_jobs(chunk_bufs[n % 2], (q[b_, h], do[b_, h], o[b_, h], lse[b_, h]), r0, n_rows, nrk,
+                               tl_ps)
+    for job in kv_jobs(0) + jobs_of(0):
+        job()
+    for n, (hi, h, r0, n_rows) in enumerate(chunks):
+        b, g = heads[hi]
+        kvb, cb = kv_bufs[hi % kv_sets], chunk_bufs[n % 2]
+        head_ends = n + 1 == len(chunks) or chunks[n + 1][0] != hi
+        tiles = _tiles(n_rows)
+        units = []                 # (block index, j0, w, tile i, i0, rows, q0, last unit of block)
+        for j0 in range(0, r0 + n_rows if causal else S, BLK):
+            blk = []
+            for i, (i0, rows) in enumerate(tiles):
+                kv_end = r0 + i0 + rows if causal else S
+                if j0 < kv_end:        # else the block is entirely above the diagonal: skipped
+                    blk.append([n_blocks, j0, min(BLK, kv_end - j0), i, i0, rows, r0 + i0, False])
+            blk[-1][-1] = True
+            units += blk
+            n_blocks += 1
+        side = []
+        if n + 1 < len(chunks):
+            if head_ends and kv_sets == 2:      # the next kv head's K/V land in the other set meanwhile
+                side = kv_jobs(hi + 1)
+            side = side + jobs_of(n + 1)
+        _bwd_pipeline(units, cb, S, causal, c, nrk, kvb["k_t"], kvb["v_t"], kvb["k_rows"], ones, kvb["dk_acc"],
+                      kvb["dv_acc"], s_ps, dp_ps, dv_ps, dk_ps, dq_ps, t_ps, p_sb, ds_sb, ds_t, side)
+        # dq = c * sum_blocks ds @ k, one rounding to dt
+        for rows, t0, t1 in _tile_groups(n_rows):
+            nisa.activation(dst=cb["dq_sb"][0:rows, t0:t1, :], op=nl.copy, data=dq_ps[0:rows, t0:t1, :], scale=c)
+        _store_rows(dq[b, h], cb["dq_sb"], r0, n_rows)
+        if not head_ends:
+            continue
+        # dk = c * dK_acc, dv = dV_acc, one rounding each, 512 rows per store
+        for s0 in range(0, S, _CHUNK_TILES * _P):
+            s_rows = min(_CHUNK_TILES * _P, S - s0)
+            t0 = s0 // _P
+            nt = (s_rows + _P - 1) // _P
+            for acc_t, scale_by, dst in ((kvb["dk_acc"], c, dk), (kvb["dv_acc"], 1.0, dv)):
+                nisa.activation(dst=out_sb[:, 0:nt, :], op=nl.copy, data=acc_t[:, t0:t0 + nt, :], scale=scale_by)
+                _store_rows(dst[b, g], out_sb, s0, s_rows)
+        if kv_sets == 1 and n + 1 < len(chunks):
+            for job in kv_jobs(hi + 1):   # one K/V set: the next head's loads wait for this head's last reads
                 job()
-            for ci, (h, r0, n_rows, cb) in enumerate(chunks):
-                if True:
-                    tiles = _tiles(n_rows)
-                    units = []                 # (block index, j0, w, tile i, i0, rows, q0, last unit of block)
-                    for j0 in range(0, r0 + n_rows if causal else S, BLK):
-                        blk = []
-                        for i, (i0, rows) in enumerate(tiles):
-                            kv_end = r0 + i0 + rows if causal else S
-                            if j0 < kv_end:        # else the block is entirely above the diagonal: skipped
-                                blk.append([n_blocks, j0, min(BLK, kv_end - j0), i, i0, rows, r0 + i0, False])
-                        blk[-1][-1] = True
-                        units += blk
-                        n_blocks += 1
-                    side = jobs_of(ci + 1) if ci + 1 < len(chunks) else []
-                    _bwd_pipeline(units, cb, S, causal, c, nrk, k_t, v_t, k_rows, ones, dk_acc, dv_acc,
-                                  s_ps, dp_ps, dv_ps, dk_ps, dq_ps, t_ps, p_sb, ds_sb, ds_t, side)
-                    # dq = c * sum_blocks ds @ k, one rounding to dt
-                    for rows, t0, t1 in _tile_groups(n_rows):
-                        nisa.activation(dst=cb["dq_sb"][0:rows, t0:t1, :], op=nl.copy,
-                                        data=dq_ps[0:rows, t0:t1, :], scale=c)
-                    _store_rows(dq[b, h], cb["dq_sb"], r0, n_rows)
-            # dk = c * dK_acc, dv = dV_acc, one rounding each, 512 rows per store
-            for r0 in range(0, S, _CHUNK_TILES * _P):
-                n_rows = min(_CHUNK_TILES * _P, S - r0)
-                t0 = r0 // _P
-                nt = (n_rows + _P - 1) // _P
-                for acc_t, scale_by, dst in ((dk_acc, c, dk), (dv_acc, 1.0, dv)):
-                    nisa.activation(dst=out_sb[:, 0:nt, :], op=nl.copy, data=acc_t[:, t0:t0 + nt, :],
-                                    scale=scale_by)
-                    _store_rows(dst[b, g], out_sb, r0, n_rows)
     return dq, dk, dv
 
 
