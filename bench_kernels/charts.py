@@ -81,7 +81,8 @@ def roofline_chart(path, rows):
     y = list(range(len(rows)))[::-1]
     ax.barh(y, pct, color=[colours.get(r.model, "#888888") for r in rows])
     for yi, r in zip(y, rows):
-        ax.text(min(r.pct_roofline, 100) + 1, yi, f"{r.pct_roofline:.0f}% ({r.bound})", va="center", fontsize=8)
+        ax.text(min(r.pct_roofline, 100) + 1, yi, f"{r.pct_roofline:.0f}% ({r.bound})", va="center", fontsize=8,
+                zorder=4, bbox=dict(facecolor="white", edgecolor="none", pad=0.5, alpha=0.8))
     ax.scatter([target_pct(r.kernel, r.direction) for r in rows], y, marker="|", s=160, color="black", zorder=3,
                label="target")
     ax.set_yticks(y, labels, fontsize=8)
@@ -105,8 +106,9 @@ def _queues(timeline):
 
 
 def dma_labels(instructions):
-    """{index: "dma_copy load" | "dma_copy store" | "dma_copy"} for the DMAs of a trace: the Gantt chart colours
-    loads (HBM -> on-chip) and stores (on-chip -> HBM) apart, which is what a software pipeline is read by."""
+    """{index: "<op> load" | "<op> store" | "<op> on-chip" | "<op> HBM"} for the DMAs of a trace: the Gantt chart
+    colours loads (HBM -> on-chip), stores (on-chip -> HBM), on-chip copies and HBM-to-HBM copies apart, which is
+    what a software pipeline is read by."""
     hbm = ("hbm", "private_hbm", "shared_hbm")
     out = {}
     for i, ins in enumerate(instructions):
@@ -114,8 +116,8 @@ def dma_labels(instructions):
             continue
         bufs = {o.role: o.buffer for o in ins.operands}
         src_hbm, dst_hbm = bufs.get("src") in hbm, bufs.get("dst") in hbm
-        out[i] = f"{ins.op} load" if src_hbm and not dst_hbm else (
-            f"{ins.op} store" if dst_hbm and not src_hbm else ins.op)
+        kind = {(True, False): "load", (False, True): "store", (False, False): "on-chip"}.get((src_hbm, dst_hbm), "HBM")
+        out[i] = f"{ins.op} {kind}"
     return out
 
 
