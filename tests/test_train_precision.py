@@ -81,7 +81,7 @@ def test_plan_forced_and_decided(monkeypatch):
     assert plan.compute == "fp32" and "advertises no bf16" in plan.reason
     # advertised: the measurement decides, and the reason carries its figures
     monkeypatch.setattr(precision, "cpu_bf16_flags", lambda: {"avx512_bf16"})
-    for bf, fp, want in ((34.0, 250.0, "fp32"), (900.0, 250.0, "bf16")):
+    for bf, fp, want in ((34.0, 250.0, "fp32"), (270.0, 250.0, "fp32"), (900.0, 250.0, "bf16")):
         monkeypatch.setattr(precision, "matmul_gflops", lambda dtype, bf=bf, fp=fp, **k: bf if dtype == torch.bfloat16
                             else fp)
         plan = matmul_plan("bf16-sr", "cpu", {})

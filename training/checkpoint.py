@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 
 from llama.data.indexed import owner_gone      # the *.tmp-<pid> rule the data pipeline uses too
+from llama.data.tokenizer import sha256_file
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 FORMAT_VERSION = 1
@@ -235,21 +236,13 @@ class _HashingWriter:
         return self.h.hexdigest()
 
 
-def sha256_of(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def verify_file(path: str, name: str, meta: dict) -> None:
     """CheckpointError unless the rank file ``name`` of checkpoint ``path`` has the sha256 meta.json records
     (checkpoints from before checksums record none: nothing to check)."""
     want = (meta.get("sha256") or {}).get(name)
     if want is None:
         return
-    got = sha256_of(os.path.join(path, name))
+    got = sha256_file(os.path.join(path, name))
     if got != want:
         raise CheckpointError(f"checkpoint file {os.path.join(path, name)} is corrupt: its sha256 {got[:16]}... "
                               f"differs from {want[:16]}... recorded in meta.json (changed bytes)")

@@ -147,6 +147,7 @@ def autocast_context(precision: str, device_type: str):
 # ---------------------------------------------------------------------- bf16 matmul compute (bf16-sr)
 MATMUL_ENV = "LLAMA_TRAIN_BF16_MATMUL"       # auto (default) | native | fp32: force the choice of matmul_plan
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # x86 bf16 dot-product / tile units (/proc/cpuinfo)
+NATIVE_MARGIN = 1.25                         # native bf16 GEMMs only when measured this much faster than fp32
 
 
 @dataclass(frozen=True)
@@ -196,8 +197,8 @@ def matmul_plan(precision: str, device_type: str, env=None) -> MatmulPlan:
     """The matmul compute of a run. Only bf16-sr on CPU has a choice: fp32 for fp32/mixed-free paths is "fp32",
     ``mixed`` is bf16 autocast by definition, GPUs and trn1 have bf16 matrix units. On CPU, forced by
     ``LLAMA_TRAIN_BF16_MATMUL=native|fp32``; else widened when the CPU advertises no bf16 matrix feature, and
-    otherwise decided by measurement: native only if a bf16 512^3 GEMM is at least as fast as the fp32 one (best
-    of 5 interleaved trials each; the decision is recorded in checkpoints and kept on resume)."""
+    otherwise decided by measurement: native only if a bf16 512^3 GEMM is NATIVE_MARGIN x as fast as the fp32 one
+    (best of 7 interleaved trials each; the decision is recorded in checkpoints and kept on resume)."""
     env = os.environ if env is None else env
     if precision == "fp32":
         return MatmulPlan("fp32", "fp32 parameters")
@@ -213,13 +214,15 @@ def matmul_plan(precision: str, device_type: str, env=None) -> MatmulPlan:
     flags = cpu_bf16_flags()
     if not flags:
         return MatmulPlan("fp32", "this CPU advertises no bf16 matrix feature (" + "/".join(BF16_CPU_FLAGS) + ")")
-    # interleaved, best of 5 each: load from other processes slows trials down, never up, and hits both dtypes
+    # interleaved, best of 7 each: load from other processes slows trials down, never up, and hits both dtypes.
+    # Native only with a clear margin: the widened path has the same numerics, so a near tie (or a measurement
+    # disturbed by load) must not pick the path that is 10-100x slower on CPUs without bf16 matrix units.
     bf16 = fp32 = 0.0
-    for _ in range(5):
+    for _ in range(7):
         bf16 = max(bf16, matmul_gflops(torch.bfloat16, trials=1))
         fp32 = max(fp32, matmul_gflops(torch.float32, trials=1))
     measured = f"{'/'.join(sorted(flags))}; 512^3 GEMM bf16 {bf16:.0f} vs fp32 {fp32:.0f} GFLOP/s"
-    return MatmulPlan("bf16", measured) if bf16 >= fp32 else MatmulPlan("fp32", measured)
+    return MatmulPlan("bf16", measured) if bf16 >= NATIVE_MARGIN * fp32 else MatmulPlan("fp32", measured)
 
 
 _MATMULS = frozenset({F.linear, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.mm,
