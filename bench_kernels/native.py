@@ -1,6 +1,6 @@
 """The native CPU extension (kernels/native) against the PyTorch paths it replaces.
 
-    python -m bench_kernels.native [--threads 2] [--params 100e6] [--rounds 3] [--skip-train] [--skip-build]
+    python -m bench_kernels.native [--threads 2] [--params 100e6] [--rounds 3] [--sections build adamw kernels train]
 
 Sections (all on --threads threads; every timed variant runs in its own process, so that peak memory is its own):
   build     a build of the extension into an empty cache directory (CMake configure + compile + link), seconds
@@ -15,7 +15,8 @@ Sections (all on --threads threads; every timed variant runs in its own process,
             composite (what the ``reference`` backend of kernels.ops runs). Median of 30 (tiny) / 5 calls per
             round, best round.
   train     ``python train.py`` (the default run: tiny, bf16-sr, 250 steps) with --native auto and --native off:
-            median logged tokens/s after the first 10 steps, and wall time.
+            median logged tokens/s after the first 10 steps (the ratio), and the process's wall time (which also
+            holds start-up: imports, data, the matmul probe).
 A benchmark, not a test: figures depend on the machine and its load (run it alone: flock /tmp/heavy.lock ...).
 Targets: AdamW-SR >= 3x the torchao-style composite with lower peak memory; RMSNorm / SwiGLU >= 1.5x the
 reference; train.py faster with the native kernels.
@@ -35,6 +36,7 @@ import time
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SECTIONS = ("build", "adamw", "kernels", "train")
 HP = dict(lr=3e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
 
 
@@ -207,7 +209,7 @@ def _train(mode: str, threads: int) -> dict:
 
 def bench_train(threads: int, rounds: int):
     print(f"\n== python train.py (default run) with --native auto / off, {threads} threads (best of {rounds} "
-          f"rounds, alternating)")
+          f"rounds, alternating; each figure from its best-throughput run)")
     best = {}
     for _ in range(rounds):
         for mode in ("auto", "off"):
@@ -244,8 +246,7 @@ def main(argv=None):
     ap.add_argument("--params", type=float, default=100e6)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--skip-train", action="store_true")
-    ap.add_argument("--skip-build", action="store_true")
+    ap.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -254,11 +255,13 @@ def main(argv=None):
         return 0
     print(f"bench_kernels.native on {_cpu_model()} ({os.cpu_count()} logical CPUs), torch {torch.__version__}, "
           f"capability {torch.backends.cpu.get_cpu_capability()}")
-    if not args.skip_build:
+    if "build" in args.sections:
         bench_build()
-    bench_adamw(int(args.params), args.steps, args.threads)
-    bench_kernels(args.threads, args.rounds)
-    if not args.skip_train:
+    if "adamw" in args.sections:
+        bench_adamw(int(args.params), args.steps, args.threads)
+    if "kernels" in args.sections:
+        bench_kernels(args.threads, args.rounds)
+    if "train" in args.sections:
         bench_train(args.threads, max(1, args.rounds - 1))
     return 0
 

@@ -32,3 +32,12 @@ def test_native_on_without_a_compiler_is_a_clear_error(tmp_path):
     assert p.returncode == 2, p.stderr
     assert "--native on" in p.stderr and "no C++ compiler" in p.stderr
     assert not os.path.exists(tmp_path / "run" / "metrics.jsonl")
+
+
+def test_without_a_compiler_the_default_run_falls_back_and_says_why(tmp_path):
+    out = str(tmp_path / "run")
+    p = train("--max-steps", 2, "--out-dir", out, *SMALL,
+              env=dict(LLAMA_TRN_NATIVE_CACHE=str(tmp_path / "cache"), CXX=str(tmp_path / "none")))
+    assert "native kernels  off (unavailable: no C++ compiler" in p.stdout
+    assert p.stderr.count("native CPU kernels unavailable") == 1                 # the one-time notice
+    assert len(_losses(out)) == 2
