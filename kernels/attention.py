@@ -365,10 +365,11 @@ def _tile_groups(n_rows):
 
 
 def _bwd_kv_jobs(kvb, kh, vh, S, stage, tl_ps):
-    """Loading one kv head as a list of closures (see _bwd_chunk_jobs): zero the fp32 dK/dV sums; per 512 rows
-    the DMAs of K (kept as rows) and V (staged), then the K^T and V^T transposes."""
+    """Loading one kv head as a list of closures (see _bwd_chunk_jobs): per 512 rows
+    the DMAs of K (kept as rows) and V (staged), then the K^T and V^T transposes. (The sums need no zeroing:
+    the first flush of each key block copies; every key block is flushed by some chunk of the head.)"""
     wait = [lambda: None] * 2
-    jobs = [lambda: (nisa.memset(dst=kvb["dk_acc"], value=0.0), nisa.memset(dst=kvb["dv_acc"], value=0.0))]
+    jobs = [kvb["touched"].clear]      # key blocks whose fp32 dK/dV sums hold this head's values
     for gi, r0 in enumerate(range(0, S, _CHUNK_TILES * _P)):
         rows, t0 = min(_CHUNK_TILES * _P, S - r0), r0 // _P
         k_buf = kvb["k_rows"][:, t0:t0 + (rows + _P - 1) // _P, :]
@@ -468,7 +469,7 @@ def flash_bwd(q, k, v, o, do, lse, causal=True, softmax_scale=1.0):
                     k_t=nl.ndarray((D, S), dtype=dt, buffer=nl.sbuf),
                     v_t=nl.ndarray((D, S), dtype=dt, buffer=nl.sbuf),
                     dk_acc=nl.ndarray((_P, T, D), dtype=f32, buffer=nl.sbuf),
-                    dv_acc=nl.ndarray((_P, T, D), dtype=f32, buffer=nl.sbuf)) for _ in range(kv_sets)]
+                    dv_acc=nl.ndarray((_P, T, D), dtype=f32, buffer=nl.sbuf), touched=set()) for _ in range(kv_sets)]
     stage = [nl.ndarray((_P, _CHUNK_TILES, D), dtype=dt, buffer=nl.sbuf) for _ in range(2)]
     ones = nl.ndarray((nrk, BLK), dtype=dt, buffer=nl.sbuf)
     nisa.memset(dst=ones, value=1.0)
@@ -526,7 +527,7 @@ def flash_bwd(q, k, v, o, do, lse, causal=True, softmax_scale=1.0):
                 side = kv_jobs(hi + 1)
             side = side + jobs_of(n + 1)
         _bwd_pipeline(units, cb, S, causal, c, nrk, kvb["k_t"], kvb["v_t"], kvb["k_rows"], ones, kvb["dk_acc"],
-                      kvb["dv_acc"], s_ps, dp_ps, dv_ps, dk_ps, dq_ps, t_ps, p_sb, ds_sb, ds_t, side)
+                      kvb["dv_acc"], kvb["touched"], s_ps, dp_ps, dv_ps, dk_ps, dq_ps, t_ps, p_sb, ds_sb, ds_t, side)
         # dq = c * sum_blocks ds @ k, one rounding to dt
         for rows, t0, t1 in _tile_groups(n_rows):
             nisa.activation(dst=cb["dq_sb"][0:rows, t0:t1, :], op=nl.copy, data=dq_ps[0:rows, t0:t1, :], scale=c)
@@ -547,7 +548,7 @@ def flash_bwd(q, k, v, o, do, lse, causal=True, softmax_scale=1.0):
     return dq, dk, dv
 
 
-def _bwd_pipeline(units, cb, S, causal, c, nrk, k_t, v_t, k_rows, ones, dk_acc, dv_acc,
+def _bwd_pipeline(units, cb, S, causal, c, nrk, k_t, v_t, k_rows, ones, dk_acc, dv_acc, touched,
                   s_ps, dp_ps, dv_ps, dk_ps, dq_ps, t_ps, p_sb, ds_sb, ds_t, side_jobs):
     """The units of one query chunk, stage A of unit u emitted with stage B of u-1 and stage C of u-2 (buffers
     by unit parity; dK/dV PSUM by block parity, flushed to the SBUF accumulators after a block's last unit);
@@ -600,11 +601,17 @@ def _bwd_pipeline(units, cb, S, causal, c, nrk, k_t, v_t, k_rows, ones, dk_acc, 
                             data=t_ps[0:kw, tx + n_full * rows:tx + (n_full + 1) * rows])
         if last:                      # dK/dV of this block into the fp32 SBUF accumulators
             t0 = j0 // _P
+            first = j0 not in touched          # the head's first sum of this block: a copy, no memset
+            touched.add(j0)
             for rows_k, s0, s1 in _tile_groups(min(S - j0, _BWD_BLOCK)):
                 for acc_t, ps in ((dv_acc, dv_ps), (dk_acc, dk_ps)):
-                    nisa.tensor_tensor(dst=acc_t[0:rows_k, t0 + s0:t0 + s1, :],
-                                       data1=acc_t[0:rows_k, t0 + s0:t0 + s1, :],
-                                       data2=ps[0:rows_k, pb, s0:s1, :], op=nl.add, name="dkv_flush")
+                    if first:
+                        nisa.tensor_copy(dst=acc_t[0:rows_k, t0 + s0:t0 + s1, :], src=ps[0:rows_k, pb, s0:s1, :],
+                                         name="dkv_flush")
+                    else:
+                        nisa.tensor_tensor(dst=acc_t[0:rows_k, t0 + s0:t0 + s1, :],
+                                           data1=acc_t[0:rows_k, t0 + s0:t0 + s1, :],
+                                           data2=ps[0:rows_k, pb, s0:s1, :], op=nl.add, name="dkv_flush")
 
     def stage_c(u, unit):
         bi, j0, w, i, i0, rows, q0, _ = unit

@@ -126,8 +126,9 @@ def test_causal_blocks_above_the_diagonal_are_skipped(causal):
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 def test_several_key_blocks_and_query_chunks(causal, dtype):
-    """S = 2200: the forward's online softmax rescales across two 2048-key blocks, the backward runs five
-    512-key blocks and five 512-row query chunks, with a 24-row tail tile."""
+    """S = 2200: the forward's pass 1 takes the row max over five 512-key blocks and pass 2 runs five 512-row
+    query chunks, the backward runs nine 256-key blocks and three 1024-row query chunks (double-buffered), with a
+    24-row tail tile."""
     run_and_check(*make_inputs(1, 2, 1, 2200, 64, dtype, 11), causal)
 
 
