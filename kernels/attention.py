@@ -66,7 +66,6 @@ MAX_SEQ = {"bfloat16": 8192, "float32": 4096}
 
 _P = 128                 # partitions (nl.tile_size.pmax)
 _MM_N = 512              # moving free size / fp32 elements of one PSUM bank (gemm_moving_fmax, psum_fmax)
-_FWD_BLOCK = 2048        # keys per online-softmax step in the forward (scores span 4 PSUM banks)
 _BWD_BLOCK = 256         # keys per backward unit (two unit buffers of scores in one PSUM bank)
 _BWD_CHUNK_TILES = 8     # 128-row query tiles per backward chunk (dK/dV PSUM sums span 1024 queries)
 _CHUNK_TILES = 4         # 128-row tiles per DMA / per transpose group (512 rows)
@@ -142,23 +141,6 @@ def _transpose_rows(dst_t, c0, rows_sb, n_rows, t_ps):
     for t, (r0, rows) in enumerate(_tiles(n_rows)):
         nisa.nc_transpose(dst=t_ps[0:d, r0:r0 + rows], data=rows_sb[0:rows, t, :])
     nisa.tensor_copy(dst=dst_t[0:d, c0:c0 + n_rows], src=t_ps[0:d, 0:n_rows])
-
-
-def _transpose_cols(dst_sb, src, rows, width, t_ps):
-    """dst_sb[k, j*rows + q] = src[q, j*128 + k] for the 128-column chunks j of src[0:rows, 0:width]
-    (width <= 512): TensorE transposes into t_ps [128, 4*rows], evicted by one Vector copy for the full
-    chunks and one for a partial (< 128 column) last chunk. Returns [(chunk column start, width)]."""
-    chunks = _tiles(width)
-    for j, (c0, kw) in enumerate(chunks):
-        nisa.nc_transpose(dst=t_ps[0:kw, j * rows:(j + 1) * rows], data=src[0:rows, c0:c0 + kw])
-    n_full = sum(1 for _, kw in chunks if kw == _P)
-    if n_full:
-        nisa.tensor_copy(dst=dst_sb[:, 0:n_full * rows], src=t_ps[:, 0:n_full * rows])
-    if n_full < len(chunks):
-        kw = chunks[-1][1]
-        nisa.tensor_copy(dst=dst_sb[0:kw, n_full * rows:(n_full + 1) * rows],
-                         src=t_ps[0:kw, n_full * rows:(n_full + 1) * rows])
-    return chunks
 
 
 def _load_transposed(dst_t, src, n_rows, stage, t_ps, rows_dst=None):
