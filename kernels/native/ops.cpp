@@ -20,12 +20,16 @@ namespace {
 
 using at::Tensor;
 
+// The requested variant, or the best one below it that was compiled and that this CPU can run.
 const Kernels* variant(const std::string& isa) {
 #ifdef LLAMA_NATIVE_HAVE_AVX512
-  if (isa == "AVX512") return kernels_AVX512();
+  if (isa == "AVX512" && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("fma"))
+    return kernels_AVX512();
 #endif
 #ifdef LLAMA_NATIVE_HAVE_AVX2
-  if (isa == "AVX512" || isa == "AVX2") return kernels_AVX2();
+  if ((isa == "AVX512" || isa == "AVX2") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+    return kernels_AVX2();
 #endif
   return kernels_DEFAULT();
 }
