@@ -13,6 +13,7 @@ import pytest
 from llama.data import DataError, PackedDataset, prepare, train_tokenizer
 from llama.data import checksums
 from llama.data.prepare import main
+from proc_utils import INTERRUPTIBLE
 from test_data_prepare import make_texts, tok_path, write_jsonl  # noqa: F401 (fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -136,7 +137,7 @@ def test_cli_ctrl_c_is_one_line_and_leaves_no_files(tmp_path, tok_path):
     inp = write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in make_texts(60000, seed=7)])
     p = subprocess.Popen([sys.executable, "-m", "llama.data", "--input", inp, "--output-prefix", str(tmp_path / "d"),
                           "--tokenizer", tok_path, "--workers", "2", "--no-progress"], cwd=ROOT,
-                         stderr=subprocess.PIPE, text=True)
+                         stderr=subprocess.PIPE, text=True, **INTERRUPTIBLE)
     deadline = time.monotonic() + 60
     while not any(".tmp-" in n for n in os.listdir(tmp_path)) and time.monotonic() < deadline:
         time.sleep(0.01)

@@ -14,6 +14,7 @@ import time
 import pytest
 import torch
 
+from proc_utils import INTERRUPTIBLE
 from training.checkpoint import list_checkpoints, read_meta
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -120,8 +121,10 @@ def test_sigkill_during_checkpoint_write_then_resume(reference, tmp_path):
 
 def test_ctrl_c_is_one_line_and_resume_stays_exact(reference, tmp_path):
     out = str(tmp_path / "interrupted")
-    p = subprocess.Popen(cmd(out, "bf16-sr"), cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                         text=True)
+    # the save of step 9 sleeps, so the run cannot finish before the Ctrl-C arrives (it lands between steps 7 and 9
+    # or inside that save; either way --resume continues from the newest complete checkpoint)
+    p = subprocess.Popen(cmd(out, "bf16-sr"), cwd=ROOT, env=env(LLAMA_TRAIN_CKPT_SLEEP="9:60"),
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **INTERRUPTIBLE)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and p.poll() is None:
         try:

@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from proc_utils import INTERRUPTIBLE
 from test_train import ROOT, SMALL, _err, metrics, small_run, train, train_inproc  # noqa: F401 (fixture)
 
 
@@ -114,7 +115,7 @@ def test_second_run_on_one_out_dir_is_refused(tmp_path):
     out = str(tmp_path / "shared")
     first = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), "--precision", "fp32", "--max-steps",
                               "400", "--out-dir", out, *SMALL], cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **INTERRUPTIBLE)
     try:
         deadline = time.monotonic() + 120
         while not os.path.exists(os.path.join(out, "metrics.jsonl")) and time.monotonic() < deadline:
