@@ -22,6 +22,16 @@ def rss() -> int:
         return int(fh.read().split()[1]) * resource.getpagesize()
 
 
+def hwm() -> int:
+    """Peak resident size of this process image (VmHWM). Not ru_maxrss: Linux carries ru_maxrss across exec, so a
+    child spawned by a large pytest process would report the parent's size."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def steps(cfg, batch, seq, accum, ac, n_steps=2, seed=0):
     torch.manual_seed(seed)
     model = P.apply_activation_checkpointing(Llama(cfg), ac)
@@ -45,7 +55,7 @@ def main():
     steps(tiny, 1, 8, 1, spec["ac"], n_steps=1)          # load every kernel's code pages before the baseline
     base = rss()
     steps(LlamaConfig(**spec["cfg"]), spec["batch"], spec["seq"], spec["accum"], spec["ac"])
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = hwm()
     print(json.dumps({"peak": peak - base}))
 
 
