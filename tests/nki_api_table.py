@@ -131,6 +131,7 @@ NISA = {
     "scalar_engine": ("alias", "engine.scalar"), "gpsimd_engine": ("alias", "engine.gpsimd"),
     "unknown_engine": ("alias", "engine.unknown"),
     "get_nc_version": "()",
+    "get_nc_sub_version": "()",
     "dma_copy": "(dst, src, priority=None, oob_mode=oob_mode.error, dge_mode=dge_mode.unknown, engine=engine.unknown, "
                 "name=None)",
     "dma_transpose": "(dst, src, axes=None, priority=None, dge_mode=dge_mode.unknown, oob_mode=oob_mode.error, "
@@ -161,6 +162,8 @@ NISA = {
                      "name=None)",
     "local_gather": "(dst, src_buffer, index, num_elem_per_idx=1, num_valid_indices=None, name=None)",
     "nc_n_gather": "(dst, data, indices, name=None)",
+    "sequence_bounds": "(dst, segment_ids, name=None)",
+    "topk": "(val_dst, idx_dst, src, n, name=None)",
     "bn_stats": "(dst, data, name=None)",
     "bn_aggr": "(dst, data, name=None)",
     "tensor_tensor_scan": "(dst, data0, data1, initial, op0, op1, reverse0=False, reverse1=False, name=None)",
@@ -203,6 +206,8 @@ COLLECTIVES = {
     "all_to_all": "(srcs, dsts, replica_group, collective_dim, priority=None, name=None)",
     "all_to_all_v": "(srcs, dsts, replica_group, metadata_tensor, recv_counts_known=False, has_rdispls=False, "
                     "priority=None, name=None)",
+    "all_gather_v": "(srcs, dsts, replica_group, metadata_tensor, recv_counts_known=False, has_rdispls=False, "
+                    "priority=None, name=None)",
     "collective_permute": "(srcs, dsts, source_target_pairs, priority=None, name=None)",
     "collective_permute_implicit": "(srcs_by_channel, dsts_by_channel, replica_group, channel_ids=[0], priority=None, "
                                    "name=None)",
@@ -222,15 +227,8 @@ TILE_SIZE = ["pmax", "psum_fmax", "psum_fmax_bytes", "psum_num_banks", "sbuf_siz
 
 # Official names the interpreter does not provide, with the reason (module, name) -> reason.
 MISSING = {
-    ("nisa", "get_nc_sub_version"): "named in the issue as a 0.6 name, but no stored reference page gives its "
-                                    "signature or semantics; not guessed",
-    ("nisa", "NkiInstruction"): "named in the issue as a 0.6 name, but no stored reference page describes it; not "
-                                "guessed",
-    ("nisa", "constants"): "named in the issue as a 0.6 name, but no stored reference page lists its members; not "
-                           "guessed",
-    ("collectives", "all_gather_v"): "new in 0.6 (release notes); its signature page is not in the stored reference",
-    ("nisa", "topk"): "new in 0.6; its page contradicts itself (\"each partition operates independently\" vs a "
-                      "16-partition snake layout, which 0.7 redefines): semantics not guessed",
-    ("nisa", "sequence_bounds"): "the page does not say whether end_index is inclusive or exclusive, and its NumPy "
-                                 "equivalent is not in the stored reference: semantics not guessed",
+    ("nisa", "NkiInstruction"): "named in the issue as a 0.6 name, but no stored reference page or public kernel "
+                                "describes or uses it; not guessed",
+    ("nisa", "constants"): "named in the issue as a 0.6 name, but no stored reference page lists its members and no "
+                           "public kernel uses one; not guessed",
 }

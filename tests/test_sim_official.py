@@ -582,3 +582,78 @@ def test_shared_constant_and_random_seed():
     np.testing.assert_array_equal(c, const)
     np.testing.assert_array_equal(r1, r2)
     assert ((0 <= r1) & (r1 < 1)).all()
+
+
+# ------------------------------------------------------------------------------- names added in NKI 0.6
+def _documented_sequence_bounds(ids):
+    """The per-row loops of the nki.isa.sequence_bounds page's "NumPy equivalent", restated element by element:
+    a start index carried forward while the id repeats, an exclusive end carried backward; id 0 is padding."""
+    n = len(ids)
+    start, end = [0] * n, [0] * n
+    for i in range(n):
+        if ids[i] == 0:
+            start[i] = n
+        elif i > 0 and ids[i] == ids[i - 1]:
+            start[i] = start[i - 1]
+        else:
+            start[i] = i
+    for i in reversed(range(n)):
+        if ids[i] == 0:
+            end[i] = -1
+        elif i < n - 1 and ids[i] == ids[i + 1]:
+            end[i] = end[i + 1]
+        else:
+            end[i] = i + 1
+    return np.array([start, end])
+
+
+@pytest.mark.parametrize("dt", ["float32", "int32"])
+def test_sequence_bounds_matches_the_documented_numpy_equivalent(dt):
+    """nki.isa.sequence_bounds(dst, segment_ids): dst [1, 2, n] holds each element's segment start and exclusive
+    end; padding (id 0) gets (n, -1); float32 or int32; the partition dimension must be 1."""
+    rng = np.random.default_rng(3)
+    ids = np.sort(rng.integers(0, 12, 96)).astype(dt).reshape(1, 96)
+    ids[0, 40:44] = 0                                  # padding inside a run splits it
+    ids[0, -1] = 0
+
+    def k(s):
+        seg = nl.ndarray((1, 96), dtype=getattr(nl, dt), buffer=nl.sbuf)
+        nisa.dma_copy(dst=seg, src=s)
+        o = nl.ndarray((1, 2, 96), dtype=getattr(nl, dt), buffer=nl.sbuf)
+        nisa.sequence_bounds(dst=o, segment_ids=seg)
+        return store(o)
+    out = run(k, ids)
+    np.testing.assert_array_equal(out.reshape(2, 96), _documented_sequence_bounds(list(ids[0])))
+    assert trace.last().instructions[-2].engine == "gpsimd"
+
+    def k_rows(s):
+        seg = nl.ndarray((2, 48), dtype=getattr(nl, dt), buffer=nl.sbuf)
+        nisa.dma_copy(dst=seg, src=s)
+        o = nl.ndarray((2, 2, 48), dtype=getattr(nl, dt), buffer=nl.sbuf)
+        nisa.sequence_bounds(dst=o, segment_ids=seg)
+        return store(o)
+    with pytest.raises(ConstraintError, match="sequence_bounds.partitions"):
+        run(k_rows, ids.reshape(2, 48))
+    with pytest.raises(ConstraintError, match="sequence_bounds.ids"):
+        run(k, np.where(np.arange(96) == 5, -1, ids).astype(dt).reshape(1, 96))
+
+
+def test_topk_all_gather_v_and_sub_version():
+    """nki.isa.topk and nki.collectives.all_gather_v (new in 0.6, pages "relevant for Trn2, Trn3") refuse trn1 with
+    rule platform; nisa.get_nc_sub_version() is an int (AWS's nki-library compares it with 1 under gen4)."""
+    def k_topk(a):
+        v = nl.ndarray((16, 8), dtype=nl.bfloat16, buffer=nl.sbuf)
+        i = nl.ndarray((16, 8), dtype=nl.uint32, buffer=nl.sbuf)
+        nisa.topk(val_dst=v, idx_dst=i, src=load(a[0:16, :], nl.bfloat16), n=16 * 64)
+        return store(v)
+
+    def k_agv(a):
+        d = hbm_out((128, 64), nl.float32)
+        m = hbm_out((4, 1), nl.int32)
+        nki.collectives.all_gather_v([a], [d], nki.collectives.ReplicaGroup([[0]]), m)
+        return d
+    with pytest.raises(ConstraintError, match="rule platform: topk"):
+        run(k_topk, X)
+    with pytest.raises(ConstraintError, match="rule platform: all_gather_v"):
+        run(k_agv, X)
+    assert isinstance(nisa.get_nc_sub_version(), int)

@@ -1,6 +1,6 @@
-"""nisa gather/search instructions: local_gather and nc_n_gather (GpSimd), nc_find_index8 and nc_match_replace8
-(Vector). Semantics from the nki.isa pages (local_gather's numpy reference in aws-neuron-sdk
-nki/test/test_nki_isa_local_gather.py; nc_match_replace8's "NumPy equivalent")."""
+"""nisa gather/search instructions: local_gather, nc_n_gather and sequence_bounds (GpSimd), nc_find_index8 and
+nc_match_replace8 (Vector). Semantics from the nki.isa pages (local_gather's numpy reference in aws-neuron-sdk
+nki/test/test_nki_isa_local_gather.py; nc_match_replace8's and sequence_bounds' "NumPy equivalent")."""
 import numpy as np
 
 from . import dtypes as _dt
@@ -137,3 +137,39 @@ def nc_match_replace8(dst, data, vals, imm, dst_idx=None, name=None):
             fail("match_replace8.dst_idx", I, "dst_idx", f"has {ni} elements per partition; must be 8", 8)
         dst_idx._v[...] = idx.astype(dst_idx.dtype).reshape(dst_idx.shape)
     emit("vector", I, (("dst", dst), ("data", data), ("vals", vals), ("dst_idx", dst_idx)), name)
+
+
+def sequence_bounds(dst, segment_ids, name=None):
+    """For each element of a [1, n] tile of segment ids, the bounds of its segment (a run of equal consecutive
+    ids) into dst [1, 2, n]: ``dst[0, 0, i]`` the index of the run's first element, ``dst[0, 1, i]`` one past its
+    last (exclusive end: the page's NumPy equivalent writes ``i + 1`` and ``n``); padding (id 0) gets start ``n``
+    and end ``-1``. GpSimd, SBUF, float32 or int32 in and out (nki.isa.sequence_bounds, NKI 0.6). Ids that are
+    negative or not integers break the documented precondition and are refused."""
+    I = "sequence_bounds"
+    p, _, n = onchip(segment_ids, I, "segment_ids", ("sbuf",))
+    pd, _, nd = onchip(dst, I, "dst", ("sbuf",))
+    if p != 1 or pd != 1:
+        fail("sequence_bounds.partitions", I, "segment_ids" if p != 1 else "dst", f"has {p if p != 1 else pd} "
+             "partitions; the partition dimension must be 1", 1)
+    for role, t in (("segment_ids", segment_ids), ("dst", dst)):
+        if t.dtype not in (_dt.float32, _dt.int32):
+            fail("sequence_bounds.dtype", I, role, f"is {_dt.name(t.dtype)}; must be float32 or int32")
+    if nd != 2 * n:
+        fail("sequence_bounds.dst", I, "dst", f"has {nd} elements per partition; must be 2 x {n} ([1, 2, n])")
+    ids = segment_ids._v.reshape(n).astype(np.float64)
+    bad = (ids < 0) | (ids != np.floor(ids))
+    if bad.any():
+        k = int(np.argmax(bad))
+        fail("sequence_bounds.ids", I, "segment_ids", f"element {k} is {ids[k]!r}; segment ids must be non-negative "
+             "integers")
+    pos = np.arange(n, dtype=np.int64)
+    first = np.ones(n, bool)
+    first[1:] = ids[1:] != ids[:-1]
+    last = np.ones(n, bool)
+    last[:-1] = ids[:-1] != ids[1:]
+    start = np.maximum.accumulate(np.where(first, pos, 0))
+    end = np.minimum.accumulate(np.where(last, pos + 1, n)[::-1])[::-1]
+    pad = ids == 0
+    out = np.stack([np.where(pad, n, start), np.where(pad, -1, end)])
+    dst._v[...] = out.astype(dst.dtype).reshape(dst.shape)
+    emit("gpsimd", I, (("dst", dst), ("segment_ids", segment_ids)), name)

@@ -60,3 +60,8 @@ def nonzero_with_count(dst, src, index_offset=0, padding_val=-1, name=None):
     _newer("nonzero_with_count", 3)
 
 
+
+
+def topk(val_dst, idx_dst, src, n, name=None):
+    # NKI 0.6 signature (nki.isa.topk page of SDK 2.32; 2.33 adds sorted=): "relevant for Trn2, Trn3"
+    _newer("topk", 3)

@@ -9,6 +9,7 @@ reduce_scatter / all_to_all / collective_permute of a one-rank group copy each s
 from dataclasses import dataclass as _dataclass, field as _field
 
 from . import isa as _isa
+from . import target as _target
 from .errors import ConstraintError as _ConstraintError
 from .objects import NKIObject as _NKIObject
 
@@ -63,6 +64,14 @@ def all_to_all_v(srcs, dsts, replica_group, metadata_tensor, recv_counts_known=F
                  priority=None, name=None):
     _single_rank(replica_group, "all_to_all_v")
     raise _ConstraintError("rule collectives.all_to_all_v: the docs require LNC=2 and more than one device")
+
+
+def all_gather_v(srcs, dsts, replica_group, metadata_tensor, recv_counts_known=False, has_rdispls=False,
+                 priority=None, name=None):
+    # new in NKI 0.6 (SDK 2.32 release notes); its page: "relevant for Trn2, Trn3"
+    _target.require(3, "all_gather_v", "collective")
+    _single_rank(replica_group, "all_gather_v")
+    raise NotImplementedError("nki.collectives.all_gather_v (NeuronCore-v3+) is not simulated by kernels.sim")
 
 
 def collective_permute(srcs, dsts, source_target_pairs, priority=None, name=None):

@@ -129,6 +129,13 @@ def get_nc_version():
     return nc_version(_target.version())
 
 
+def get_nc_sub_version():
+    """The target's NeuronCore sub-version (revision) as an int. No reference page describes it; AWS's
+    nki-library compares it only with 1 under ``nc_version.gen4`` (the revision that adds nisa.exponential).
+    The interpreter models each generation's first revision: 0."""
+    return 0
+
+
 def _engine_name(e, default):
     if e is None or e is engine.unknown:
         return default
@@ -1225,6 +1232,7 @@ def register_store(dst, src):
     _emit("sync", I, (("dst", dst),))
 
 
-from ._gather import local_gather, nc_n_gather, nc_find_index8, nc_match_replace8  # noqa: E402,F401
+from ._gather import (local_gather, nc_n_gather, nc_find_index8, nc_match_replace8,  # noqa: E402,F401
+                      sequence_bounds)
 from ._newer import (activate2, exponential, nc_matmul_mx, quantize_mx, rand2, range_select,  # noqa: E402,F401
-                     rand_get_state, rand_set_state, core_barrier, sendrecv, nonzero_with_count)
+                     rand_get_state, rand_set_state, core_barrier, sendrecv, nonzero_with_count, topk)

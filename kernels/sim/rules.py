@@ -68,6 +68,7 @@ SOURCES = {
     "nc_find_index8": _ISA.format("nc_find_index8"),
     "match_replace8": _ISA.format("nc_match_replace8"),
     "nc_match_replace8": _ISA.format("nc_match_replace8"),
+    "sequence_bounds": _ISA.format("sequence_bounds"),
 }
 
 
