@@ -16,10 +16,9 @@ Math (FlashAttention-2, spec 5.2/5.3), s = q.k (raw scores, fp32 in PSUM), c = s
             l is the row sum of the *rounded* p, the same weights as acc), o = acc / l (one rounding to
             q.dtype), lse = c*m' + log(l) (fp32).
   backward  per 128-query tile and 256-key block: p = exp(c*s - lse) recomputed (fp32, rounded to the input
-            dtype for the matmuls), Dlt = rowsum(do * o) (fp32), dp - Dlt = do @ v^T + (-Dlt) summed in fp32
-            PSUM, -Dlt entering as a rank-1 (fp32) or rank-2 (bf16: hi = bf16(-Dlt), lo = bf16(-Dlt - hi))
-            matmul update against ones, ds = p * (dp - Dlt) (fp32 on VectorE, rounded to the input dtype for
-            the matmuls),
+            dtype for the matmuls), Dlt = rowsum(do * o) (fp32), dp - Dlt = do @ v^T (fp32 PSUM) evicted by
+            ScalarE with the per-row bias -Dlt (fp32 arithmetic, rounded to the input dtype), ds = p * (dp - Dlt)
+            (VectorE, fp32 arithmetic, rounded to the input dtype for the matmuls),
             dv = sum p^T @ do,  dk = c * sum ds^T @ q,  dq = c * sum ds @ k, all sums fp32 (PSUM, then fp32
             SBUF across blocks); dk/dv also summed over the query heads of the kv head's group inside the
             kernel. Each gradient is rounded once to its input dtype.
@@ -70,7 +69,8 @@ _BWD_BLOCK = 256         # keys per backward unit (two unit buffers of scores in
 _BWD_CHUNK_TILES = 8     # 128-row query tiles per backward chunk (dK/dV PSUM sums span 1024 queries)
 _CHUNK_TILES = 4         # 128-row tiles per DMA / per transpose group (512 rows)
 _BWD_KV_DOUBLE_MAX_SEQ = 4096  # backward: two K/V sets in SBUF (bf16) up to this length
-_BWD_LAG_B, _BWD_LAG_C = 3, 4   # backward pipeline: stages B and C of unit u emitted with stage A of u + lag
+_BWD_LAG_B, _BWD_LAG_C = 3, 4
+_BWD_OUT_BUFS = 4        # backward: dK/dV output staging tiles in turn (each store's fixed cost overlaps)   # backward pipeline: stages B and C of unit u emitted with stage A of u + lag
 _FWD_PV_LAG = 2          # forward pass 2: P @ V of key tile t emitted with the scores of tile t + 2
 _MASKED = -1.0e30        # selected for masked fp32 scores: exp(c * -1e30 - ...) == 0, no -inf arithmetic
 
@@ -363,7 +363,7 @@ def _bwd_kv_jobs(kvb, kh, vh, S, stage, tl_ps):
     return jobs
 
 
-def _bwd_chunk_jobs(cb, srcs, r0, n_rows, nrk, tl_ps):
+def _bwd_chunk_jobs(cb, srcs, r0, n_rows, tl_ps):
     """The input work of one query chunk as a list of closures, so that the next chunk's work can be emitted
     one piece per pipeline step of the current chunk (each engine's queue then interleaves it with the units
     instead of stalling at the chunk boundary): loads of q, do, o, lse; q^T, do^T by TensorE transposes, 512
@@ -382,14 +382,12 @@ def _bwd_chunk_jobs(cb, srcs, r0, n_rows, nrk, tl_ps):
         for name, rows_t in (("q_t", "q_rows"), ("do_t", "do_rows")):
             jobs += [lambda name=name, rows_t=rows_t, g0=g0, g_rows=g_rows, t0=t0: _transpose_rows(
                 cb[name], g0, cb[rows_t][:, t0:t0 + _CHUNK_TILES, :], g_rows, tl_ps)] + wait
-    return jobs + [lambda: _bwd_chunk_prep(cb, nrk, n_rows)] + wait + [lambda: _bwd_dlt_rows(cb, nrk, n_rows)]
+    return jobs + [lambda: _bwd_chunk_prep(cb, n_rows)]
 
 
-def _bwd_chunk_prep(cb, nrk, n_rows):
-    """Per query chunk: neg_lse = -lse (the exp bias) and the stationary rows of the -Dlt rank update,
-    Dlt = rowsum(do * o) in fp32. bf16: -Dlt = hi + lo (hi = bf16(-Dlt), lo = bf16(-Dlt - hi)), so the fp32
-    PSUM sum dp + hi + lo carries -Dlt to ~2^-16 relative; fp32: the one row -Dlt (hl[:, :, r] is row r of
-    _bwd_dlt_rows)."""
+def _bwd_chunk_prep(cb, n_rows):
+    """Per query chunk, the two per-row biases of ScalarE: neg_lse = -lse (of p = exp(c*s - lse)) and
+    negd = -Dlt = -rowsum(do * o) in fp32 (of dp - Dlt)."""
     for rows, t0, t1 in _tile_groups(n_rows):
         nisa.tensor_tensor(dst=cb["prod"][0:rows, t0:t1, :], data1=cb["do_rows"][0:rows, t0:t1, :],
                            data2=cb["o_rows"][0:rows, t0:t1, :], op=nl.multiply)
@@ -397,18 +395,6 @@ def _bwd_chunk_prep(cb, nrk, n_rows):
                            negate=True)
         nisa.tensor_scalar(dst=cb["neg_lse"][0:rows, t0:t1], data=cb["lse"][0:rows, t0:t1], op0=nl.multiply,
                            operand0=-1.0)
-        hl = cb["hl"]
-        nisa.tensor_copy(dst=hl[0:rows, t0:t1, 0], src=cb["negd"][0:rows, t0:t1])
-        if nrk == 2:
-            nisa.tensor_tensor(dst=hl[0:rows, t0:t1, 1], data1=cb["negd"][0:rows, t0:t1],
-                               data2=hl[0:rows, t0:t1, 0], op=nl.subtract)
-
-
-def _bwd_dlt_rows(cb, nrk, n_rows):
-    """dl_rows [nrk, n_rows] from _bwd_chunk_prep's [rows, nrk] columns by SBUF -> SBUF DMAs (no engine time)."""
-    for t, (i0, rows) in enumerate(_tiles(n_rows)):
-        for r in range(nrk):
-            nisa.dma_copy(dst=cb["dl_rows"][r:r + 1, i0:i0 + rows], src=cb["hl"][0:rows, t, r:r + 1])
 
 
 @nki.jit
@@ -429,7 +415,6 @@ def flash_bwd(q, k, v, o, do, lse, causal=True, softmax_scale=1.0):
     """
     B, Hq, Hkv, G, S, D, T, _ = _dims(q, k)
     dt, f32, c = q.dtype, nl.float32, float(softmax_scale)
-    nrk = 1 if dt == f32 else 2                     # rows of the -Dlt rank update (bf16: hi + lo)
     CT = _BWD_CHUNK_TILES
     CH, BLK, NSUB = CT * _P, _BWD_BLOCK, _BWD_BLOCK // _P
     dq = nl.ndarray((B, Hq, S, D), dtype=dt, buffer=nl.shared_hbm)
@@ -453,8 +438,6 @@ def flash_bwd(q, k, v, o, do, lse, causal=True, softmax_scale=1.0):
                     dk_acc=nl.ndarray((_P, T, D), dtype=f32, buffer=nl.sbuf),
                     dv_acc=nl.ndarray((_P, T, D), dtype=f32, buffer=nl.sbuf), touched=set()) for _ in range(kv_sets)]
     stage = [nl.ndarray((_P, _CHUNK_TILES, D), dtype=dt, buffer=nl.sbuf) for _ in range(2)]
-    ones = nl.ndarray((nrk, BLK), dtype=dt, buffer=nl.sbuf)
-    nisa.memset(dst=ones, value=1.0)
     chunk_bufs = [dict(q_rows=nl.ndarray((_P, CT, D), dtype=dt, buffer=nl.sbuf),
                        do_rows=nl.ndarray((_P, CT, D), dtype=dt, buffer=nl.sbuf),
                        o_rows=nl.ndarray((_P, CT, D), dtype=dt, buffer=nl.sbuf),
@@ -462,15 +445,14 @@ def flash_bwd(q, k, v, o, do, lse, causal=True, softmax_scale=1.0):
                        do_t=nl.ndarray((D, CH), dtype=dt, buffer=nl.sbuf),
                        prod=nl.ndarray((_P, CT, D), dtype=f32, buffer=nl.sbuf),
                        negd=nl.ndarray((_P, CT), dtype=f32, buffer=nl.sbuf),
-                       hl=nl.ndarray((_P, CT, nrk), dtype=dt, buffer=nl.sbuf),
-                       dl_rows=nl.ndarray((nrk, CH), dtype=dt, buffer=nl.sbuf),
                        lse=nl.ndarray((_P, CT), dtype=f32, buffer=nl.sbuf),
                        neg_lse=nl.ndarray((_P, CT), dtype=f32, buffer=nl.sbuf),
                        dq_sb=nl.ndarray((_P, CT, D), dtype=dt, buffer=nl.sbuf)) for _ in range(2)]
     p_sb = nl.ndarray((_P, _BWD_LAG_B + 1, BLK), dtype=dt, buffer=nl.sbuf)
     ds_sb = nl.ndarray((_P, _BWD_LAG_B + 1, BLK), dtype=dt, buffer=nl.sbuf)
+    dpm_sb = nl.ndarray((_P, 2, BLK), dtype=dt, buffer=nl.sbuf)
     ds_t = nl.ndarray((_P, 2, NSUB * _P), dtype=dt, buffer=nl.sbuf)
-    out_sb = nl.ndarray((_P, _CHUNK_TILES, D), dtype=dt, buffer=nl.sbuf)
+    out_sb = [nl.ndarray((_P, _CHUNK_TILES, D), dtype=dt, buffer=nl.sbuf) for _ in range(_BWD_OUT_BUFS)]
     n_blocks = 0
 
     heads = [(b_, g_) for b_ in range(B) for g_ in range(Hkv)]
@@ -481,13 +463,28 @@ def flash_bwd(q, k, v, o, do, lse, causal=True, softmax_scale=1.0):
         b_, g_ = heads[hi]
         return _bwd_kv_jobs(kv_bufs[hi % kv_sets], k[b_, g_], v[b_, g_], S, stage, tl_ps)
 
+    def out_jobs(hi):
+        """dk = c * dK_acc, dv = dV_acc of kv head hi, one rounding each, 512 rows per store (ring of out_sb)."""
+        b_, g_ = heads[hi]
+        kvb, jobs = kv_bufs[hi % kv_sets], []
+        for s0 in range(0, S, _CHUNK_TILES * _P):
+            s_rows, t0 = min(_CHUNK_TILES * _P, S - s0), s0 // _P
+            nt = (s_rows + _P - 1) // _P
+            for acc_t, scale_by, dst in ((kvb["dk_acc"], c, dk), (kvb["dv_acc"], 1.0, dv)):
+                def job(acc_t=acc_t, scale_by=scale_by, dst=dst, s0=s0, s_rows=s_rows, t0=t0, nt=nt,
+                        buf=out_sb[len(jobs) % _BWD_OUT_BUFS]):
+                    nisa.activation(dst=buf[:, 0:nt, :], op=nl.copy, data=acc_t[:, t0:t0 + nt, :], scale=scale_by)
+                    _store_rows(dst[b_, g_], buf, s0, s_rows)
+                jobs.append(job)
+        return jobs
+
     def jobs_of(n):
         hi, h, r0, n_rows = chunks[n]
         b_ = heads[hi][0]
-        return _bwd_chunk_jobs(chunk_bufs[n % 2], (q[b_, h], do[b_, h], o[b_, h], lse[b_, h]), r0, n_rows, nrk,
-                               tl_ps)
+        return _bwd_chunk_jobs(chunk_bufs[n % 2], (q[b_, h], do[b_, h], o[b_, h], lse[b_, h]), r0, n_rows, tl_ps)
     for job in kv_jobs(0) + jobs_of(0):
         job()
+    pending = []
     for n, (hi, h, r0, n_rows) in enumerate(chunks):
         b, g = heads[hi]
         kvb, cb = kv_bufs[hi % kv_sets], chunk_bufs[n % 2]
@@ -503,35 +500,32 @@ def flash_bwd(q, k, v, o, do, lse, causal=True, softmax_scale=1.0):
             blk[-1][-1] = True
             units += blk
             n_blocks += 1
-        side = []
+        side, pending = pending, []
         if n + 1 < len(chunks):
             if head_ends and kv_sets == 2:      # the next kv head's K/V land in the other set meanwhile
-                side = kv_jobs(hi + 1)
+                side = side + kv_jobs(hi + 1)
             side = side + jobs_of(n + 1)
-        _bwd_pipeline(units, cb, S, causal, c, nrk, kvb["k_t"], kvb["v_t"], kvb["k_rows"], ones, kvb["dk_acc"],
-                      kvb["dv_acc"], kvb["touched"], s_ps, dp_ps, dv_ps, dk_ps, dq_ps, t_ps, p_sb, ds_sb, ds_t, side)
+        _bwd_pipeline(units, cb, S, causal, c, kvb["k_t"], kvb["v_t"], kvb["k_rows"], kvb["dk_acc"], kvb["dv_acc"],
+                      kvb["touched"], s_ps, dp_ps, dv_ps, dk_ps, dq_ps, t_ps, p_sb, ds_sb, dpm_sb, ds_t, side)
         # dq = c * sum_blocks ds @ k, one rounding to dt
         for rows, t0, t1 in _tile_groups(n_rows):
             nisa.activation(dst=cb["dq_sb"][0:rows, t0:t1, :], op=nl.copy, data=dq_ps[0:rows, t0:t1, :], scale=c)
         _store_rows(dq[b, h], cb["dq_sb"], r0, n_rows)
         if not head_ends:
             continue
-        # dk = c * dK_acc, dv = dV_acc, one rounding each, 512 rows per store
-        for s0 in range(0, S, _CHUNK_TILES * _P):
-            s_rows = min(_CHUNK_TILES * _P, S - s0)
-            t0 = s0 // _P
-            nt = (s_rows + _P - 1) // _P
-            for acc_t, scale_by, dst in ((kvb["dk_acc"], c, dk), (kvb["dv_acc"], 1.0, dv)):
-                nisa.activation(dst=out_sb[:, 0:nt, :], op=nl.copy, data=acc_t[:, t0:t0 + nt, :], scale=scale_by)
-                _store_rows(dst[b, g], out_sb, s0, s_rows)
-        if kv_sets == 1 and n + 1 < len(chunks):
+        if kv_sets == 2 and n + 1 < len(chunks):
+            pending = out_jobs(hi)        # emitted in the next head's first chunk: its sums are in the other set
+            continue
+        for job in out_jobs(hi):
+            job()
+        if n + 1 < len(chunks):
             for job in kv_jobs(hi + 1):   # one K/V set: the next head's loads wait for this head's last reads
                 job()
     return dq, dk, dv
 
 
-def _bwd_pipeline(units, cb, S, causal, c, nrk, k_t, v_t, k_rows, ones, dk_acc, dv_acc, touched,
-                  s_ps, dp_ps, dv_ps, dk_ps, dq_ps, t_ps, p_sb, ds_sb, ds_t, side_jobs):
+def _bwd_pipeline(units, cb, S, causal, c, k_t, v_t, k_rows, dk_acc, dv_acc, touched,
+                  s_ps, dp_ps, dv_ps, dk_ps, dq_ps, t_ps, p_sb, ds_sb, dpm_sb, ds_t, side_jobs):
     """The units of one query chunk, stage A of unit u emitted with stage B of u-1 and stage C of u-2 (buffers
     by unit parity; dK/dV PSUM by block parity, flushed to the SBUF accumulators after a block's last unit);
     side_jobs (the next chunk's input work) one per step from the third step on, the rest at the end."""
@@ -543,11 +537,8 @@ def _bwd_pipeline(units, cb, S, causal, c, nrk, k_t, v_t, k_rows, ones, dk_acc, 
         x, xp = u % 2, u % (_BWD_LAG_B + 1)
         nisa.nc_matmul(dst=s_ps[0:rows, x, 0:w], stationary=cb["q_t"][:, i0:i0 + rows], moving=k_t[:, j0:j0 + w],
                        accumulate=False, name="scores")
-        # dp - Dlt: do @ v^T, then the rank-nrk update (-Dlt)^T @ ones accumulated in fp32 PSUM
         nisa.nc_matmul(dst=dp_ps[0:rows, x, 0:w], stationary=cb["do_t"][:, i0:i0 + rows],
-                       moving=v_t[:, j0:j0 + w], accumulate=False)
-        nisa.nc_matmul(dst=dp_ps[0:rows, x, 0:w], stationary=cb["dl_rows"][0:nrk, i0:i0 + rows],
-                       moving=ones[0:nrk, 0:w], accumulate=True, name="minus_dlt")
+                       moving=v_t[:, j0:j0 + w], accumulate=False, name="dp")
         # p = exp(c*s - lse), fp32 on ScalarE, rounded to dt
         nisa.activation(dst=p_sb[0:rows, xp, 0:w], op=nl.exp, data=s_ps[0:rows, x, 0:w],
                         bias=cb["neg_lse"][0:rows, i:i + 1], scale=c)
@@ -556,8 +547,12 @@ def _bwd_pipeline(units, cb, S, causal, c, nrk, k_t, v_t, k_rows, ones, dk_acc, 
             nisa.affine_select(dst=p_sb[0:rows, xp, d0:d0 + rows], pattern=[[-1, rows]], channel_multiplier=1,
                                on_true_tile=p_sb[0:rows, xp, d0:d0 + rows], on_false_value=0.0,
                                cmp_op=nl.greater_equal, offset=0, name="causal_mask")
-        # ds = p * (dp - Dlt) (fp32), rounded to dt
-        nisa.tensor_tensor(dst=ds_sb[0:rows, xp, 0:w], data1=dp_ps[0:rows, x, 0:w], data2=p_sb[0:rows, xp, 0:w],
+        # dp - Dlt in fp32 by the ScalarE eviction's per-row bias (a rank update of PSUM would cost TensorE a
+        # full matmul: its cycles follow the moving free size), then ds = p * (dp - Dlt) on VectorE from SBUF,
+        # rounded to dt
+        nisa.activation(dst=dpm_sb[0:rows, x, 0:w], op=nl.copy, data=dp_ps[0:rows, x, 0:w],
+                        bias=cb["negd"][0:rows, i:i + 1])
+        nisa.tensor_tensor(dst=ds_sb[0:rows, xp, 0:w], data1=dpm_sb[0:rows, x, 0:w], data2=p_sb[0:rows, xp, 0:w],
                            op=nl.multiply, name="ds")
 
     def stage_b(u, unit):
