@@ -58,10 +58,14 @@ class _LinearCE(torch.autograd.Function):
             rows = math.ceil(n / chunks) if n else 1
             # One [rows, V] buffer in the compute dtype, reused by every chunk, receives the logits (written by
             # the matmul itself when no cast is needed), then in place the log-softmax and the softmax gradient:
-            # no fresh V-wide allocation per chunk. The logits matmul reads a contiguous [H, V] copy of the
-            # weight (one pass per step, cast included under autocast): in the full model step on our CPU VM it
-            # beat MKL's transposed-B sgemm on x @ W.t() by a few percent (bench_kernels/model.py, issue 4).
-            w_t = weight.t().to(dtype=mm, memory_format=torch.contiguous_format)
+            # no fresh V-wide allocation per chunk. The logits matmul's [H, V] operand is laid out per dtype.
+            # fp32/fp64: a contiguous copy, which beat MKL's transposed-B sgemm on x @ W.t() by a few percent in
+            # the full model step (bench_kernels/model.py, issue 4). bf16/fp16: the transposed view F.linear
+            # passes: on a CPU without bf16 matrix units PyTorch's fallback GEMM runs it as dot products over
+            # contiguous H, 5.7x faster than the contiguous copy at 1024 x 64 x 2048 (121 vs 691 ms, AMD EPYC
+            # family 23 AVX2, issue 15); oneDNN on bf16 CPUs and cuBLAS take either layout.
+            w_mm = weight.to(mm)                                          # one cast per step under autocast
+            w_t = w_mm.t().contiguous() if mm in (torch.float32, torch.float64) else w_mm.t()
             buf = torch.empty((rows, v), dtype=acc, device=dev)
             direct = mm == acc and hidden.dtype == acc and weight.dtype == acc
             for r0 in range(0, n, rows):
