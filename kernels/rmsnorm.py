@@ -29,7 +29,8 @@ from kernels.nki_compat import nki, nl, nisa
 MAX_HIDDEN = 8192
 _FWD_CHUNK_BYTES = 16384   # bytes per partition of the forward's column chunk (whole row at bf16, H <= 8192)
 _VEC_SHARE = 0.34          # share of the x * rstd columns done on VectorE (the rest on ScalarE)
-_BWD_CHUNK = 1024      # free-dim chunk of the backward's fp32 temporaries
+_Q_CHUNK = 2048        # columns per ScalarE row-sum instruction of the backward (fp32 q chunk)
+_DX_CHUNK = 2048       # columns per dx store of the backward (4 KiB per partition at bf16)
 _PSUM_F = 512          # fp32 elements of one PSUM bank per partition (nl.tile_size.psum_fmax on trn1)
 
 
@@ -139,95 +140,162 @@ def rms_norm_fwd_kernel(x, w, eps):
     return y, rstd_out
 
 
+def _row_consts(r, rows, k, dt, hidden):
+    """Per-row constants of k row tiles from their rstd r [rows, k] fp32: (rr [P, k, 2 or 1] in dt, the moving
+    operand of the dw matmuls: rstd split as hi + lo with hi = bf16(rstd), lo = bf16(rstd - hi), so that the
+    bf16 matmul carries rstd to ~16 bits; rn [P, k] fp32 = -rstd^2 / H)."""
+    P = nl.tile_size.pmax
+    f32 = nl.float32
+    nr = 1 if dt == f32 else 2
+    rr = nl.ndarray((P, k, nr), dtype=dt, buffer=nl.sbuf)
+    nisa.tensor_copy(dst=rr[0:rows, :, 0], src=r)
+    if nr == 2:
+        nisa.tensor_tensor(dst=rr[0:rows, :, 1], data1=r, data2=rr[0:rows, :, 0], op=nl.subtract)
+    rn = nl.ndarray((P, k), dtype=f32, buffer=nl.sbuf)
+    nisa.scalar_tensor_tensor(dst=rn[0:rows, :], data=r, op0=nl.multiply, operand0=-1.0 / hidden,
+                              op1=nl.multiply, operand1=r)
+    return rr, rn
+
+
 @nki.jit
 def rms_norm_bwd_kernel(dy, x, w, rstd):
     """dy, x [N, H] (bf16|fp32), w [1, H], rstd [N, 1] fp32; returns (dx [N, H] x.dtype, dw [1, H] w.dtype).
 
-    Per row tile: pass 1 over column chunks accumulates dw partial sums (per partition, fp32, in SBUF)
-    and s = sum(g * x); pass 2 writes dx = a * g + b * x with a = rstd, b = -rstd^3 * s / H.
-    After all row tiles, dw is reduced across partitions on TensorE: ones[128, 1].T @ acc[128, <=512]
-    (fp32 matmul, fp32 PSUM), one PSUM bank per chunk.
-    SBUF per partition at H = 8192 fp32: w broadcast, x tile, dy tile, dw accumulator 4 * 32 KiB
-    = 128 KiB, plus 1024-column fp32 chunk temporaries of 4 KiB (up to two instances each while a loop
-    rebinds them); the interpreter measures a peak of 152 KiB (fp32) and 102 KiB (bf16) of trn1's
-    176 KiB. PSUM: one bank at a time.
+    Per row tile (rows on partitions), with g = dy * w rounded to x.dtype (as PyTorch's bf16 autograd rounds it):
+      stage A, per 512-column bank: X = I @ x on TensorE (an exact copy of x into PSUM, so that VectorE reads
+        one operand from PSUM and multiplies at one element per cycle in fp32); VectorE g = dy * w and
+        p = dy * x (x.dtype, the bf16 fast path) and q = g * X (fp32, exact: a product of two bf16 values);
+        ScalarE s = sum(q) over the row (activation copy with the accumulate registers); TensorE
+        dw_ps[c] += p[:, c].T @ [rstd_hi, rstd_lo] per 128-column block (fp32 PSUM, all row tiles).
+      stage B, per bank: PSUM D = I @ g + diag(c_hi) @ x + diag(c_lo) @ x with c = -rstd^2 * s / H split
+        into bf16 hi + lo (TensorE, fp32 accumulation), dx = rstd * D (ScalarE, rounded once to x.dtype).
+    Stage A of row tile t + 1 is issued before stage B of tile t (two-deep x, dy, g rings) so that VectorE,
+    the busiest engine, never waits on the per-row statistics. Order and dtype of the sums: s in fp32 over
+    the row (ScalarE registers); dw over the rows of a tile in one fp32 matmul, then across tiles in fp32
+    PSUM; dw uses bf16(dy * x) * rstd (one rounding of the product; PyTorch's bf16 autograd rounds
+    dy * bf16(x_hat)). At fp32 every product and sum is fp32 (no hi/lo split). dx = rstd * g - rstd^3 * s
+    / H * x as before.
+    SBUF per partition at H = 8192 bf16: w 16 KiB + 2 x (x, dy, g) 96 KiB + chunks (q 8 KiB fp32, dx
+    4 KiB, p 1 KiB; two instances while a loop rebinds them) = 138 KiB; at fp32 one-deep rings (A and B
+    alternate) = 164 KiB. PSUM: dw 1 bank + X 2 + D 2 of trn1's 8.
     """
     n_rows, hidden = x.shape
     P = nl.tile_size.pmax
     dt = x.dtype
     f32 = nl.float32
+    nr = 1 if dt == f32 else 2
     dx = nl.ndarray((n_rows, hidden), dtype=dt, buffer=nl.shared_hbm)
     dw = nl.ndarray((1, hidden), dtype=w.dtype, buffer=nl.shared_hbm)
 
     w_b = _broadcast_row(w, P, hidden, w.dtype)
-    acc = nl.ndarray((P, hidden), dtype=f32, buffer=nl.sbuf)
-    nisa.memset(dst=acc, value=0.0)   # all 128 partitions: the final ones-matmul sums every partition
-    n_chunks = (hidden + _BWD_CHUNK - 1) // _BWD_CHUNK
+    ident = nl.shared_identity_matrix(P, dtype=dt)
+    n_tiles = (n_rows + P - 1) // P
+    n_full = n_rows // P
+    n_blk = (hidden + P - 1) // P
+    nb = 2 if 6 * hidden * dt.itemsize <= 96 * 1024 else 1
+    x_r = nl.ndarray((P, nb, hidden), dtype=dt, buffer=nl.sbuf)
+    dy_r = nl.ndarray((P, nb, hidden), dtype=dt, buffer=nl.sbuf)
+    g_r = nl.ndarray((P, nb, hidden), dtype=dt, buffer=nl.sbuf)
+    dw_ps = nl.ndarray((P, n_blk * nr), dtype=f32, buffer=nl.psum)
 
-    # Row-tile buffers reused by every row tile (single-buffered: double-buffering both at fp32,
-    # H = 8192 would need 192 KiB with the resident w and accumulator).
-    x_t = nl.ndarray((P, hidden), dtype=dt, buffer=nl.sbuf)
-    dy_t = nl.ndarray((P, hidden), dtype=dy.dtype, buffer=nl.sbuf)
-    for r0 in range(0, n_rows, P):
-        rows = min(P, n_rows - r0)
-        nisa.dma_copy(dst=x_t[0:rows, :], src=x[r0:r0 + rows, :])
-        nisa.dma_copy(dst=dy_t[0:rows, :], src=dy[r0:r0 + rows, :])
-        r_t = nl.ndarray((P, 1), dtype=f32, buffer=nl.sbuf)
-        nisa.dma_copy(dst=r_t[0:rows, :], src=rstd[r0:r0 + rows, :])
+    consts = []
+    if n_full:
+        r_all = nl.ndarray((P, n_full), dtype=f32, buffer=nl.sbuf)
+        nisa.dma_copy(dst=r_all, src=rstd[0:n_full * P, :].reshape((n_full, P)).permute((1, 0)))
+        rr, rn = _row_consts(r_all, P, n_full, dt, hidden)
+        consts += [(r_all[:, t:t + 1], rr[:, t, :], rn[:, t:t + 1]) for t in range(n_full)]
+    if n_full < n_tiles:
+        rows = n_rows - n_full * P
+        r_tl = nl.ndarray((P, 1), dtype=f32, buffer=nl.sbuf)
+        nisa.dma_copy(dst=r_tl[0:rows, :], src=rstd[n_full * P:n_rows, :])
+        rr, rn = _row_consts(r_tl[0:rows, :], rows, 1, dt, hidden)
+        consts.append((r_tl[0:rows, :], rr[0:rows, 0, :], rn[0:rows, 0:1]))
 
-        part = nl.ndarray((P, n_chunks), dtype=f32, buffer=nl.sbuf)
-        for c in range(n_chunks):
-            c0 = c * _BWD_CHUNK
-            cw = min(_BWD_CHUNK, hidden - c0)
-            xs = x_t[0:rows, c0:c0 + cw]
-            dys = dy_t[0:rows, c0:c0 + cw]
-            # dw partial: (x * rstd) * dy = x_hat * dy in fp32, one VectorE instruction.
-            prod = nl.ndarray((P, _BWD_CHUNK), dtype=f32, buffer=nl.sbuf)
-            nisa.scalar_tensor_tensor(dst=prod[0:rows, 0:cw], data=xs, op0=nl.multiply,
-                                      operand0=r_t[0:rows, :], op1=nl.multiply, operand1=dys)
-            nisa.tensor_tensor(dst=acc[0:rows, c0:c0 + cw], data1=acc[0:rows, c0:c0 + cw],
-                               data2=prod[0:rows, 0:cw], op=nl.add)
-            g = nl.ndarray((P, _BWD_CHUNK), dtype=f32, buffer=nl.sbuf)
-            nisa.tensor_tensor(dst=g[0:rows, 0:cw], data1=dys, data2=w_b[0:rows, c0:c0 + cw], op=nl.multiply)
-            gx = nl.ndarray((P, _BWD_CHUNK), dtype=f32, buffer=nl.sbuf)
-            nisa.tensor_tensor(dst=gx[0:rows, 0:cw], data1=g[0:rows, 0:cw], data2=xs, op=nl.multiply)
-            nisa.tensor_reduce(dst=part[0:rows, c:c + 1], op=nl.add, data=gx[0:rows, 0:cw], axis=1,
-                               keepdims=True)
-
+    def stage_a(t):
+        r0, rows = t * P, min(P, n_rows - t * P)
+        x_t, dy_t, g_t = (buf[0:rows, t % nb, :] for buf in (x_r, dy_r, g_r))
+        nisa.dma_copy(dst=x_t, src=x[r0:r0 + rows, :])
+        nisa.dma_copy(dst=dy_t, src=dy[r0:r0 + rows, :])
+        rr = consts[t][1][0:rows, :]
         s = nl.ndarray((P, 1), dtype=f32, buffer=nl.sbuf)
-        nisa.tensor_reduce(dst=s[0:rows, :], op=nl.add, data=part[0:rows, 0:n_chunks], axis=1, keepdims=True)
-        # b = -(rstd^3) * s / H, built from [P, 1] operands (tensor_scalar operands are fp32 [P, 1] tiles).
-        r2 = nl.ndarray((P, 1), dtype=f32, buffer=nl.sbuf)
-        nisa.tensor_tensor(dst=r2[0:rows, :], data1=r_t[0:rows, :], data2=r_t[0:rows, :], op=nl.multiply)
-        b = nl.ndarray((P, 1), dtype=f32, buffer=nl.sbuf)
-        nisa.tensor_scalar(dst=b[0:rows, :], data=s[0:rows, :], op0=nl.multiply, operand0=r2[0:rows, :],
-                           op1=nl.multiply, operand1=-1.0 / hidden)
-        nisa.tensor_scalar(dst=b[0:rows, :], data=b[0:rows, :], op0=nl.multiply, operand0=r_t[0:rows, :])
+        n_sc = (hidden + _Q_CHUNK - 1) // _Q_CHUNK
+        for k in range(n_sc):
+            k0, kw = k * _Q_CHUNK, min(_Q_CHUNK, hidden - k * _Q_CHUNK)
+            q = nl.ndarray((P, _Q_CHUNK), dtype=f32, buffer=nl.sbuf)
+            for c0 in range(k0, k0 + kw, _PSUM_F):
+                cw = min(_PSUM_F, k0 + kw - c0)
+                cs = slice(c0, c0 + cw)
+                xp = nl.ndarray((P, _PSUM_F), dtype=f32, buffer=nl.psum)
+                nisa.nc_matmul(dst=xp[0:rows, 0:cw], stationary=ident[0:rows, 0:rows], moving=x_t[:, cs])
+                nisa.tensor_tensor(dst=g_t[:, cs], data1=dy_t[:, cs], data2=w_b[0:rows, cs], op=nl.multiply)
+                nisa.tensor_tensor(dst=q[0:rows, c0 - k0:c0 - k0 + cw], data1=g_t[:, cs], data2=xp[0:rows, 0:cw],
+                                   op=nl.multiply)
+                p = nl.ndarray((P, _PSUM_F), dtype=dt, buffer=nl.sbuf)
+                nisa.tensor_tensor(dst=p[0:rows, 0:cw], data1=dy_t[:, cs], data2=x_t[:, cs], op=nl.multiply)
+                for b0 in range(c0, c0 + cw, P):
+                    bw, b = min(P, c0 + cw - b0), b0 // P
+                    nisa.nc_matmul(dst=dw_ps[0:bw, nr * b:nr * b + nr], stationary=p[0:rows, b0 - c0:b0 - c0 + bw],
+                                   moving=rr, accumulate=t > 0)
+            cmd = nisa.reduce_cmd.reset_reduce if k == 0 else nisa.reduce_cmd.reduce
+            nisa.activation(dst=q[0:rows, 0:kw], op=nl.copy, data=q[0:rows, 0:kw], reduce_op=nl.add,
+                            reduce_cmd=cmd, reduce_res=s[0:rows, :] if k == n_sc - 1 else None)
+        return s
 
-        for c in range(n_chunks):
-            c0 = c * _BWD_CHUNK
-            cw = min(_BWD_CHUNK, hidden - c0)
-            g = nl.ndarray((P, _BWD_CHUNK), dtype=f32, buffer=nl.sbuf)
-            nisa.tensor_tensor(dst=g[0:rows, 0:cw], data1=dy_t[0:rows, c0:c0 + cw],
-                               data2=w_b[0:rows, c0:c0 + cw], op=nl.multiply)
-            t = nl.ndarray((P, _BWD_CHUNK), dtype=f32, buffer=nl.sbuf)
-            nisa.tensor_scalar(dst=t[0:rows, 0:cw], data=x_t[0:rows, c0:c0 + cw], op0=nl.multiply,
-                               operand0=b[0:rows, :])
-            dx_t = nl.ndarray((P, _BWD_CHUNK), dtype=dt, buffer=nl.sbuf)
-            nisa.scalar_tensor_tensor(dst=dx_t[0:rows, 0:cw], data=g[0:rows, 0:cw], op0=nl.multiply,
-                                      operand0=r_t[0:rows, :], op1=nl.add, operand1=t[0:rows, 0:cw])
-            nisa.dma_copy(dst=dx[r0:r0 + rows, c0:c0 + cw], src=dx_t[0:rows, 0:cw])
+    def stage_b(t, s):
+        r0, rows = t * P, min(P, n_rows - t * P)
+        x_t, g_t = x_r[0:rows, t % nb, :], g_r[0:rows, t % nb, :]
+        r, _, rn = consts[t]
+        c = nl.ndarray((P, 1), dtype=f32, buffer=nl.sbuf)
+        nisa.activation(dst=c[0:rows, :], op=nl.copy, data=s[0:rows, :], scale=rn[0:rows, :])
+        diags = [nl.ndarray((P, P), dtype=dt, buffer=nl.sbuf) for _ in range(nr)]
+        nisa.activation(dst=diags[0][0:rows, 0:rows], op=nl.copy, data=ident[0:rows, 0:rows], scale=c[0:rows, :])
+        if nr == 2:
+            # c_lo = c - bf16(c): the bf16 diagonal alone would round c by up to 2^-9
+            c_hi = nl.ndarray((P, 1), dtype=dt, buffer=nl.sbuf)
+            nisa.activation(dst=c_hi[0:rows, :], op=nl.copy, data=c[0:rows, :])
+            c_lo = nl.ndarray((P, 1), dtype=f32, buffer=nl.sbuf)
+            nisa.activation(dst=c_lo[0:rows, :], op=nl.copy, data=c_hi[0:rows, :], scale=-1.0, bias=c[0:rows, :])
+            nisa.activation(dst=diags[1][0:rows, 0:rows], op=nl.copy, data=ident[0:rows, 0:rows],
+                            scale=c_lo[0:rows, :])
+        for k0 in range(0, hidden, _DX_CHUNK):
+            kw = min(_DX_CHUNK, hidden - k0)
+            dx_t = nl.ndarray((P, _DX_CHUNK), dtype=dt, buffer=nl.sbuf)
+            for c0 in range(k0, k0 + kw, _PSUM_F):
+                cw = min(_PSUM_F, k0 + kw - c0)
+                cs = slice(c0, c0 + cw)
+                dp = nl.ndarray((P, _PSUM_F), dtype=f32, buffer=nl.psum)
+                nisa.nc_matmul(dst=dp[0:rows, 0:cw], stationary=ident[0:rows, 0:rows], moving=g_t[:, cs],
+                               accumulate=False)
+                for d in diags:
+                    nisa.nc_matmul(dst=dp[0:rows, 0:cw], stationary=d[0:rows, 0:rows], moving=x_t[:, cs],
+                                   accumulate=True)
+                nisa.activation(dst=dx_t[0:rows, c0 - k0:c0 - k0 + cw], op=nl.copy, data=dp[0:rows, 0:cw], scale=r)
+            nisa.dma_copy(dst=dx[r0:r0 + rows, k0:k0 + kw], src=dx_t[0:rows, 0:kw])
 
-    # Cross-partition reduction of the fp32 partial sums: dw[0, c] = sum_p acc[p, c].
-    ones = nl.ndarray((P, 1), dtype=f32, buffer=nl.sbuf)
-    nisa.memset(dst=ones, value=1.0)
-    for c0 in range(0, hidden, _PSUM_F):
-        cw = min(_PSUM_F, hidden - c0)
-        ps = nl.ndarray((1, _PSUM_F), dtype=f32, buffer=nl.psum)
-        nisa.nc_matmul(dst=ps[:, 0:cw], stationary=ones, moving=acc[:, c0:c0 + cw])
-        dw_t = nl.ndarray((1, _PSUM_F), dtype=w.dtype, buffer=nl.sbuf)
-        nisa.tensor_copy(dst=dw_t[:, 0:cw], src=ps[:, 0:cw])
-        nisa.dma_copy(dst=dw[:, c0:c0 + cw], src=dw_t[:, 0:cw])
+    if nb == 2:
+        pending = stage_a(0)
+        for t in range(n_tiles):
+            nxt = stage_a(t + 1) if t + 1 < n_tiles else None
+            stage_b(t, pending)
+            pending = nxt
+    else:                      # one-deep rings: stage A of t + 1 would overwrite what stage B of t reads
+        for t in range(n_tiles):
+            stage_b(t, stage_a(t))
+
+    # dw[b * 128 + i] = dw_ps[i, nr * b] (+ dw_ps[i, nr * b + 1], the rstd_lo part)
+    acc = nl.ndarray((P, n_blk * nr), dtype=f32, buffer=nl.sbuf)
+    nisa.tensor_copy(dst=acc, src=dw_ps)
+    dw_t = nl.ndarray((P, n_blk), dtype=w.dtype, buffer=nl.sbuf)
+    if nr == 2:
+        nisa.tensor_tensor(dst=dw_t, data1=acc[:, 0:2 * n_blk:2], data2=acc[:, 1:2 * n_blk:2], op=nl.add)
+    else:
+        nisa.tensor_copy(dst=dw_t, src=acc)
+    n_whole = hidden // P
+    if n_whole:
+        nisa.dma_copy(dst=dw[0:1, 0:n_whole * P].reshape((n_whole, P)).permute((1, 0)), src=dw_t[:, 0:n_whole])
+    if n_whole < n_blk:
+        bw = hidden - n_whole * P
+        nisa.dma_copy(dst=dw[0:1, n_whole * P:hidden], src=dw_t[0:bw, n_whole:n_blk])
     return dx, dw
 
 
