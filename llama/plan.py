@@ -24,7 +24,8 @@ Memory model (bytes per core, the most loaded pipeline stage; e = 2 for bf16 act
   attention output twice (the kernel's [B, H, S, D] output and the o_proj input copy) and its log-sum-exp, and
   the MLP's gate, up and SwiGLU output (nki) or gate, up, silu(gate) and the product (reference autograd);
   "selective" keeps q, k, v, the o_proj input, gate and up; "full" keeps the layer input only, and a layer's
-  full set is rebuilt once during the backward.
+  full set is rebuilt once during the backward. During a layer's backward the loss's and final norm's saved
+  tensors are freed and the embedding's gradient does not exist yet (it is made after layer 0).
 - in-flight micro-batches: 1 without PP, stage s of 1F1B holds min(m, pp - s), GPipe holds all m, interleaved
   1F1B (v chunks) holds (v - 1) pp + 2 (pp - s - 1) + 1 chunk-micro-batches of 1/v of the stage's layers.
 
@@ -196,18 +197,22 @@ def stage_memory(cfg: LlamaConfig, layout: Layout, seq: int, rank: int, precisio
         per_mb += b * seq * 8                                  # token ids kept by the embedding
         head_grad += v_local * h * pe
     loss_fwd = loss_bwd = 0
+    tail = 0                                                   # the last stage's saved tensors after the layers
+    lm_grad = 0
     if last:
-        per_mb += b * s_sp * h * e + b * s_sp * 4              # final norm input + rstd
-        head_grad += v_local * h * pe
+        tail += b * s_sp * h * e + b * s_sp * 4                # final norm input + rstd
+        lm_grad = v_local * h * pe
+        head_grad += lm_grad
         if tp == 1:                                            # fused loss: dHidden and fp32 dWeight from the forward
-            per_mb += n * h * e + v_local * h * 4
+            tail += n * h * e + v_local * h * 4
             rows = math.ceil(n / math.ceil(n / max(1, min(n, (1 << 23) // v_local))))
             loss_fwd = rows * v_local * 4 + h * v_local * e    # logits chunk buffer (fp32) + contiguous W^T
             loss_bwd = n * h * e + v_local * h * 4             # dHidden * g, dWeight * g
         else:                                                  # vocab-parallel loss: normed input, fp32 softmax
-            per_mb += n * h * e + n * v_local * 4
+            tail += n * h * e + n * v_local * 4
             loss_fwd = n * v_local * e
             loss_bwd = n * v_local * 4 + n * h * e
+    per_mb += tail
     acts = int(in_flight(layout, rank) * per_mb)
     layer_grad = (p * pe - head_grad) // max(1, n_layers)
     # gradients exist from the first backward of a step on: with several micro-batches they are all allocated while
@@ -221,8 +226,10 @@ def stage_memory(cfg: LlamaConfig, layout: Layout, seq: int, rank: int, precisio
     worst = max(range(max(1, n_layers)), key=lambda i: rebuilt + inner - (i + 1) * saved
                 + (0 if persist else (i + 1) * layer_grad))
     i = worst
-    phases["layer backward"] = (acts - (i + 1) * saved + rebuilt + inner
-                                + (p * pe if persist else head_grad + (i + 1) * layer_grad))
+    # the micro-batch in its layer backward has passed the loss and final norm backward (its tail is freed, the
+    # fused loss's dWeight became the LM head's gradient); the embedding's gradient appears only after layer 0
+    phases["layer backward"] = (acts - (i + 1) * saved - tail + rebuilt + inner
+                                + (p * pe if persist else lm_grad + (i + 1) * layer_grad))
     comm = (4 * p + (4 * p if pe == 2 else 0)) if dp > 1 else 0   # flat fp32 buffer (+ fp32 copies of bf16 grads)
     opt_tmp = 4 * p if precision != "bf16-sr" else 0           # torch AdamW foreach: a list of sqrt(v)
     phases["gradient sync / optimizer"] = p * pe + max(comm, opt_tmp)
