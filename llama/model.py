@@ -71,13 +71,17 @@ class Attention(nn.Module):
         return ops.flash_attention(q, k, v, causal=True)
 
     def forward(self, x, cos, sin):
-        b, s, _ = x.shape
-        # Head counts come from the projections' widths, so a sharded layer (fewer local heads) runs as is.
-        q = self.q_proj(x).view(b, s, -1, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, s, -1, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, s, -1, self.head_dim).transpose(1, 2)
+        # Head counts come from the projections' widths, so a sharded layer (fewer local heads) runs as is; sizes
+        # are explicit (no -1) so that an empty batch gives empty outputs as every op does.
+        q, k, v = (self._heads(proj(x)) for proj in (self.q_proj, self.k_proj, self.v_proj))
         out = self.core(q, k, v, cos, sin)                       # [B, Hq, S, D], GQA handled by the op
-        return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
+        b, hq, s, d = out.shape
+        return self.o_proj(out.transpose(1, 2).reshape(b, s, hq * d))
+
+    def _heads(self, t):
+        """[B, S, heads * D] -> [B, heads, S, D]."""
+        b, s, width = t.shape
+        return t.view(b, s, width // self.head_dim, self.head_dim).transpose(1, 2)
 
 
 class MLP(nn.Module):

@@ -434,6 +434,58 @@ def test_float64_refused_off_reference():
             ops.swiglu(torch.zeros(2, 2, dtype=F64), torch.zeros(2, 2, dtype=F64))
 
 
+def _empty_cases():
+    """(name, inputs builder, op) with a zero batch or zero rows: a kernel has no empty launch grid."""
+    return [
+        ("rms_norm", lambda: (_randn(0, 5, 8), _randn(8, seed=1)), lambda x, w: ops.rms_norm(x, w)),
+        ("swiglu", lambda: (_randn(3, 0, 8), _randn(3, 0, 8, seed=1)), ops.swiglu),
+        ("apply_rope", lambda: (_randn(0, 2, 4, 8), _randn(0, 1, 4, 8, seed=1), _randn(4, 8, seed=2),
+                                _randn(4, 8, seed=3)), lambda q, k, c, s: sum(ops.apply_rope(q, k, c, s))),
+        ("flash_attention b=0", lambda: (_randn(0, 2, 4, 8), _randn(0, 1, 4, 8, seed=1), _randn(0, 1, 4, 8, seed=2)),
+         ops.flash_attention),
+        ("flash_attention s=0", lambda: (_randn(1, 2, 0, 8), _randn(1, 1, 0, 8, seed=1), _randn(1, 1, 0, 8, seed=2)),
+         ops.flash_attention),
+    ]
+
+
+@pytest.mark.parametrize("name,make,op", _empty_cases(), ids=[c[0] for c in _empty_cases()])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_empty_batch_on_sim_behaves_like_reference(name, make, op, dtype):
+    """Forward and backward of an empty batch: the same empty output and the same (zero or empty) gradients on the
+    sim backend as on the reference, instead of an error from inside the interpreter."""
+    results = {}
+    for backend in ("reference", "sim"):
+        args = [t.to(dtype).requires_grad_() for t in make()]
+        with ops.use_backend(backend):
+            out = op(*args)
+            out.sum().backward()
+        results[backend] = (out.detach(), [a.grad for a in args])
+    (out_r, g_r), (out_s, g_s) = results["reference"], results["sim"]
+    assert out_s.shape == out_r.shape and out_s.dtype == out_r.dtype and out_r.numel() == 0
+    for a, b in zip(g_r, g_s):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert a.shape == b.shape and a.dtype == b.dtype
+            torch.testing.assert_close(a, b, rtol=0, atol=0)      # weight grads of an empty batch are zeros
+
+
+def test_model_forward_backward_on_an_empty_batch():
+    """The model itself takes a zero batch or zero-length sequences on both backends (no -1 reshape of 0 elements),
+    giving empty logits and, for a sum loss, zero gradients."""
+    from llama import Llama, LlamaConfig
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
+                      num_kv_heads=1, max_seq_len=16)
+    for backend in ("reference", "sim"):
+        for shape in ((0, 8), (2, 0)):
+            torch.manual_seed(0)
+            model = Llama(cfg)
+            ids = torch.zeros(shape, dtype=torch.long)
+            with ops.use_backend(backend):
+                assert model(ids).shape == (*shape, cfg.vocab_size)
+                model(ids, labels=ids, reduction="sum").backward()
+            assert all(p.grad is None or not p.grad.any() for p in model.parameters()), (backend, shape)
+
+
 # --------------------------------------------------------------------------- validation
 
 def _bad_calls():
