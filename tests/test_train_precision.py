@@ -88,6 +88,19 @@ def test_plan_forced_and_decided(monkeypatch):
         assert plan.compute == want and f"bf16 {bf:.0f} vs fp32 {fp:.0f}" in plan.reason
 
 
+
+def test_a_bf16_gemm_far_slower_stops_measuring(monkeypatch):
+    """A bf16 GEMM CLEAR_LOSS x slower than fp32 decides after one interleaved pair (no ~2 s of slow trials at
+    start-up); a close race keeps all 7 pairs."""
+    monkeypatch.setattr(precision, "cpu_bf16_flags", lambda: {"amx_bf16"})
+    for bf, fp, pairs in ((2.0, 190.0, 1), (250.0, 250.0, 7), (190.0 / precision.CLEAR_LOSS * 1.01, 190.0, 7)):
+        calls = []
+        monkeypatch.setattr(precision, "matmul_gflops",
+                            lambda dtype, bf=bf, fp=fp, **k: calls.append(dtype) or (bf if dtype == torch.bfloat16
+                                                                                      else fp))
+        assert matmul_plan("bf16-sr", "cpu", {}).compute == "fp32"
+        assert calls.count(torch.bfloat16) == calls.count(torch.float32) == pairs
+
 def test_cpu_flags_parsed(tmp_path):
     f = tmp_path / "cpuinfo"
     f.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16\n\nprocessor\t: 1\nflags\t: fpu avx2\n")

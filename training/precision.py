@@ -148,6 +148,7 @@ def autocast_context(precision: str, device_type: str):
 MATMUL_ENV = "LLAMA_TRAIN_BF16_MATMUL"       # auto (default) | native | fp32: force the choice of matmul_plan
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # x86 bf16 dot-product / tile units (/proc/cpuinfo)
 NATIVE_MARGIN = 1.25                         # native bf16 GEMMs only when measured this much faster than fp32
+CLEAR_LOSS = 8                               # bf16 GEMMs this much slower than fp32: no more trials
 
 
 @dataclass(frozen=True)
@@ -217,10 +218,14 @@ def matmul_plan(precision: str, device_type: str, env=None) -> MatmulPlan:
     # interleaved, best of 7 each: load from other processes slows trials down, never up, and hits both dtypes.
     # Native only with a clear margin: the widened path has the same numerics, so a near tie (or a measurement
     # disturbed by load) must not pick the path that is 10-100x slower on CPUs without bf16 matrix units.
+    # A bf16 GEMM many times slower than fp32 (a fallback kernel, 100x on AVX2-only CPUs) decides at once: load
+    # cannot open a gap that wide between interleaved trials, and each slow trial costs ~0.2 s of start-up.
     bf16 = fp32 = 0.0
     for _ in range(7):
         bf16 = max(bf16, matmul_gflops(torch.bfloat16, trials=1))
         fp32 = max(fp32, matmul_gflops(torch.float32, trials=1))
+        if bf16 * CLEAR_LOSS < fp32:
+            break
     measured = f"{'/'.join(sorted(flags))}; 512^3 GEMM bf16 {bf16:.0f} vs fp32 {fp32:.0f} GFLOP/s"
     return MatmulPlan("bf16", measured) if bf16 >= NATIVE_MARGIN * fp32 else MatmulPlan("fp32", measured)
 
