@@ -23,26 +23,33 @@ break the 1.1x minimum-bytes target for small N.
 """
 from __future__ import annotations
 
+import itertools
+
 from kernels.nki_compat import nki, nl, nisa
 
 # Launch limits. MAX_HIDDEN is set by the backward's SBUF budget at fp32 (see rms_norm_bwd_kernel).
 MAX_HIDDEN = 8192
 _FWD_CHUNK_BYTES = 16384   # bytes per partition of the forward's column chunk (whole row at bf16, H <= 8192)
 _VEC_SHARE = 0.34          # share of the x * rstd columns done on VectorE (the rest on ScalarE)
-_Q_CHUNK = 2048        # columns per ScalarE row-sum instruction of the backward (fp32 q chunk)
 _DX_CHUNK = 2048       # columns per dx store of the backward (4 KiB per partition at bf16)
 _PSUM_F = 512          # fp32 elements of one PSUM bank per partition (nl.tile_size.psum_fmax on trn1)
+_PSUM_BANK = 2048      # bytes of one PSUM bank per partition (trn1: 8 banks x 2 KiB)
+_BWD_TEMP_BYTES = 24 * 1024   # SBUF per partition of the backward's chunk temporaries (budget in its docstring)
 
 
 def _broadcast_row(w_row_hbm, n_part, width, dtype):
-    """Return an SBUF tile [n_part, width] holding the HBM row w_row_hbm [1, width] on every partition.
-
-    One DMA of the row into partition 0, then per <=512-column chunk a TensorE matmul
-    ones[1, n_part].T @ w[1, chunk] -> PSUM [n_part, chunk] (fp32, exact for a product with 1.0)
-    evicted to SBUF by tensor_copy. nc_matmul: dst = stationary.T @ moving, K = partition dim (here 1).
-    """
+    """Return an SBUF tile [n_part, width] holding the HBM row w_row_hbm [1, width] on every partition (one DMA
+    of the row into partition 0, then _broadcast)."""
     w_row = nl.ndarray((1, width), dtype=dtype, buffer=nl.sbuf)
     nisa.dma_copy(dst=w_row, src=w_row_hbm)
+    return _broadcast(w_row, n_part, width, dtype)
+
+
+def _broadcast(w_row, n_part, width, dtype):
+    """[n_part, width] SBUF copies of the SBUF row w_row [1, width]: per <=512-column chunk a TensorE matmul
+    ones[1, n_part].T @ w[1, chunk] -> PSUM [n_part, chunk] (fp32, exact for a product with 1.0) evicted to
+    SBUF by tensor_copy. nc_matmul: dst = stationary.T @ moving, K = partition dim (here 1).
+    """
     ones = nl.ndarray((1, n_part), dtype=dtype, buffer=nl.sbuf)
     nisa.memset(dst=ones, value=1.0)
     w_b = nl.ndarray((n_part, width), dtype=dtype, buffer=nl.sbuf)
@@ -157,27 +164,62 @@ def _row_consts(r, rows, k, dt, hidden):
     return rr, rn
 
 
+def _column_blocks(w_row, hidden, dt):
+    """w_col [P, n_blk] in dt with w_col[i, b] = w[b * 128 + i] (w as 128-row column blocks, the moving operand
+    of the row-sum matmuls): per block a K=1 matmul w_row[0, block].T @ [[1]] into PSUM (exact), then a copy."""
+    P = nl.tile_size.pmax
+    n_blk = (hidden + P - 1) // P
+    one = nl.ndarray((1, 1), dtype=dt, buffer=nl.sbuf)
+    nisa.memset(dst=one, value=1.0)
+    ps = nl.ndarray((P, n_blk), dtype=nl.float32, buffer=nl.psum)
+    for b in range(n_blk):
+        bw = min(P, hidden - b * P)
+        nisa.nc_matmul(dst=ps[0:bw, b:b + 1], stationary=w_row[0:1, b * P:b * P + bw], moving=one)
+    w_col = nl.ndarray((P, n_blk), dtype=dt, buffer=nl.sbuf)
+    n_whole = hidden // P
+    if n_whole:
+        nisa.tensor_copy(dst=w_col[:, 0:n_whole], src=ps[:, 0:n_whole])
+    if n_whole < n_blk:
+        bw = hidden - n_whole * P
+        nisa.tensor_copy(dst=w_col[0:bw, n_whole:n_blk], src=ps[0:bw, n_whole:n_blk])
+    return w_col
+
+
+def _ring_depths(hidden, itemsize):
+    """(x, dy, g) ring depths of the backward: the deepest set whose SBUF fits trn1's 176 KiB per partition next
+    to w (one row) and the chunk temporaries (_BWD_TEMP_BYTES). x and dy three deep let the loads of row tile
+    t + 2 run while tiles t (stage B) and t + 1 (stage A) are in use."""
+    row = hidden * itemsize
+    for depths in ((3, 3, 2), (3, 2, 2), (2, 2, 2)):
+        if (sum(depths) + 1) * row + _BWD_TEMP_BYTES <= 176 * 1024:
+            return depths
+    return (1, 1, 1)
+
+
 @nki.jit
 def rms_norm_bwd_kernel(dy, x, w, rstd):
     """dy, x [N, H] (bf16|fp32), w [1, H], rstd [N, 1] fp32; returns (dx [N, H] x.dtype, dw [1, H] w.dtype).
 
-    Per row tile (rows on partitions), with g = dy * w rounded to x.dtype (as PyTorch's bf16 autograd rounds it):
-      stage A, per 512-column bank: X = I @ x on TensorE (an exact copy of x into PSUM, so that VectorE reads
-        one operand from PSUM and multiplies at one element per cycle in fp32); VectorE g = dy * w and
-        p = dy * x (x.dtype, the bf16 fast path) and q = g * X (fp32, exact: a product of two bf16 values);
-        ScalarE s = sum(q) over the row (activation copy with the accumulate registers); TensorE
-        dw_ps[c] += p[:, c].T @ [rstd_hi, rstd_lo] per 128-column block (fp32 PSUM, all row tiles).
-      stage B, per bank: PSUM D = I @ g + diag(c_hi) @ x + diag(c_lo) @ x with c = -rstd^2 * s / H split
-        into bf16 hi + lo (TensorE, fp32 accumulation), dx = rstd * D (ScalarE, rounded once to x.dtype).
-    Stage A of row tile t + 1 is issued before stage B of tile t (two-deep x, dy, g rings) so that VectorE,
-    the busiest engine, never waits on the per-row statistics. Order and dtype of the sums: s in fp32 over
-    the row (ScalarE registers); dw over the rows of a tile in one fp32 matmul, then across tiles in fp32
-    PSUM; dw uses bf16(dy * x) * rstd (one rounding of the product; PyTorch's bf16 autograd rounds
-    dy * bf16(x_hat)). At fp32 every product and sum is fp32 (no hi/lo split). dx = rstd * g - rstd^3 * s
-    / H * x as before.
-    SBUF per partition at H = 8192 bf16: w 16 KiB + 2 x (x, dy, g) 96 KiB + chunks (q 8 KiB fp32, dx
-    4 KiB, p 1 KiB; two instances while a loop rebinds them) = 138 KiB; at fp32 one-deep rings (A and B
-    alternate) = 164 KiB. PSUM: dw 1 bank + X 2 + D 2 of trn1's 8.
+    Per row tile (rows on partitions), with p = dy * x and g = dy * w, both rounded to x.dtype (g as PyTorch's
+    bf16 autograd rounds it):
+      stage A, per unit of columns (one PSUM bank of transposed 128-column blocks: 1024 columns at bf16, 512
+        at fp32): VectorE p and g (bf16 fast path); TensorE dw_ps[b] += p[:, b].T @ [rstd_hi, rstd_lo] per
+        128-column block b (fp32 PSUM across all row tiles) and p[:, b].T into PSUM (nc_transpose); ScalarE
+        copies the transposed blocks to SBUF; TensorE s += p[:, b] @ w[b] (the transposed block as stationary,
+        w's column block as moving: the row sum s = sum(g * x) = sum(p * w) in fp32 PSUM, issued one unit
+        late so that TensorE does not wait on the copy).
+      stage B, per 512-column bank: PSUM D = I @ g + diag(c_hi) @ x + diag(c_lo) @ x with c = -rstd^2 * s / H
+        split into bf16 hi + lo (TensorE, fp32 accumulation), dx = rstd * D (ScalarE, rounded once to x.dtype).
+    Program order interleaves stage A of row tile t + 1 with stage B of tile t unit by unit, so that each
+    in-order engine queue alternates between the two tiles and the per-row statistics of tile t are ready
+    (stage A of t ran in the previous round) when stage B of t starts. Sums: s in fp32 PSUM over the row of
+    bf16 products p * w (exact in fp32); dw over the rows of a tile in one fp32 matmul, then across tiles in
+    fp32 PSUM, of bf16(dy * x) * rstd (one rounding of the product; PyTorch's bf16 autograd rounds
+    dy * bf16(x_hat)). At fp32 every product and sum is fp32 (no hi/lo split).
+    SBUF per partition (interpreter peak) at H = 8192 bf16: w 16 KiB + rings x 3, dy 3, g 2 (128 KiB) +
+    temporaries (p and its transpose 2 KiB each, dx 4 KiB, two of some alive while a loop rebinds them)
+    = 157 KiB; at fp32 one-deep rings (stage A and B of a tile alternate) = 145 KiB. PSUM: at most 5 of
+    trn1's 8 banks (dw, s, and the transposes and D of the units in flight).
     """
     n_rows, hidden = x.shape
     P = nl.tile_size.pmax
@@ -187,16 +229,27 @@ def rms_norm_bwd_kernel(dy, x, w, rstd):
     dx = nl.ndarray((n_rows, hidden), dtype=dt, buffer=nl.shared_hbm)
     dw = nl.ndarray((1, hidden), dtype=w.dtype, buffer=nl.shared_hbm)
 
-    w_b = _broadcast_row(w, P, hidden, w.dtype)
+    w_row = nl.ndarray((1, hidden), dtype=w.dtype, buffer=nl.sbuf)
+    nisa.dma_copy(dst=w_row, src=w)
+    w_b = _broadcast(w_row, P, hidden, w.dtype)
+    w_col = _column_blocks(w_row, hidden, dt)
+    del w_row                  # a [1, H] tile holds its bytes on every partition (the interpreter's allocator)
     ident = nl.shared_identity_matrix(P, dtype=dt)
     n_tiles = (n_rows + P - 1) // P
     n_full = n_rows // P
     n_blk = (hidden + P - 1) // P
-    nb = 2 if 6 * hidden * dt.itemsize <= 96 * 1024 else 1
-    x_r = nl.ndarray((P, nb, hidden), dtype=dt, buffer=nl.sbuf)
-    dy_r = nl.ndarray((P, nb, hidden), dtype=dt, buffer=nl.sbuf)
-    g_r = nl.ndarray((P, nb, hidden), dtype=dt, buffer=nl.sbuf)
+    tb = _PSUM_BANK // (P * dt.itemsize)           # transposed [128, 128] blocks per PSUM bank
+    unit = tb * P
+    depths = _ring_depths(hidden, dt.itemsize)
+    x_r, dy_r, g_r = (nl.ndarray((P, d, hidden), dtype=dt, buffer=nl.sbuf) for d in depths)
     dw_ps = nl.ndarray((P, n_blk * nr), dtype=f32, buffer=nl.psum)
+    # Row sums s of tiles t and t + 1. A row of one unit takes s = sum(g * x) from VectorE (fp32 product of the
+    # rounded g, exact): with few columns the projection removes most of g's rounding error, and s must then
+    # match the g that D uses; sum(p * w) differs by the rounding of p and g (at H <= 3 that broke the 2x
+    # criterion; from H ~ 24 on the error equals PyTorch's).
+    exact_s = hidden <= unit
+    s_ps = nl.ndarray((P, 2), dtype=f32, buffer=nl.sbuf if exact_s else nl.psum)
+    s_sb = s_ps
 
     consts = []
     if n_full:
@@ -211,42 +264,66 @@ def rms_norm_bwd_kernel(dy, x, w, rstd):
         rr, rn = _row_consts(r_tl[0:rows, :], rows, 1, dt, hidden)
         consts.append((r_tl[0:rows, :], rr[0:rows, 0, :], rn[0:rows, 0:1]))
 
-    def stage_a(t):
-        r0, rows = t * P, min(P, n_rows - t * P)
-        x_t, dy_t, g_t = (buf[0:rows, t % nb, :] for buf in (x_r, dy_r, g_r))
-        nisa.dma_copy(dst=x_t, src=x[r0:r0 + rows, :])
-        nisa.dma_copy(dst=dy_t, src=dy[r0:r0 + rows, :])
-        rr = consts[t][1][0:rows, :]
-        s = nl.ndarray((P, 1), dtype=f32, buffer=nl.sbuf)
-        n_sc = (hidden + _Q_CHUNK - 1) // _Q_CHUNK
-        for k in range(n_sc):
-            k0, kw = k * _Q_CHUNK, min(_Q_CHUNK, hidden - k * _Q_CHUNK)
-            q = nl.ndarray((P, _Q_CHUNK), dtype=f32, buffer=nl.sbuf)
-            for c0 in range(k0, k0 + kw, _PSUM_F):
-                cw = min(_PSUM_F, k0 + kw - c0)
-                cs = slice(c0, c0 + cw)
-                xp = nl.ndarray((P, _PSUM_F), dtype=f32, buffer=nl.psum)
-                nisa.nc_matmul(dst=xp[0:rows, 0:cw], stationary=ident[0:rows, 0:rows], moving=x_t[:, cs])
-                nisa.tensor_tensor(dst=g_t[:, cs], data1=dy_t[:, cs], data2=w_b[0:rows, cs], op=nl.multiply)
-                nisa.tensor_tensor(dst=q[0:rows, c0 - k0:c0 - k0 + cw], data1=g_t[:, cs], data2=xp[0:rows, 0:cw],
-                                   op=nl.multiply)
-                p = nl.ndarray((P, _PSUM_F), dtype=dt, buffer=nl.sbuf)
-                nisa.tensor_tensor(dst=p[0:rows, 0:cw], data1=dy_t[:, cs], data2=x_t[:, cs], op=nl.multiply)
-                for b0 in range(c0, c0 + cw, P):
-                    bw, b = min(P, c0 + cw - b0), b0 // P
-                    nisa.nc_matmul(dst=dw_ps[0:bw, nr * b:nr * b + nr], stationary=p[0:rows, b0 - c0:b0 - c0 + bw],
-                                   moving=rr, accumulate=t > 0)
-            cmd = nisa.reduce_cmd.reset_reduce if k == 0 else nisa.reduce_cmd.reduce
-            nisa.activation(dst=q[0:rows, 0:kw], op=nl.copy, data=q[0:rows, 0:kw], reduce_op=nl.add,
-                            reduce_cmd=cmd, reduce_res=s[0:rows, :] if k == n_sc - 1 else None)
-        return s
+    def tiles(t):
+        rows = min(P, n_rows - t * P)
+        return rows, tuple(buf[0:rows, t % d, :] for buf, d in zip((x_r, dy_r, g_r), depths))
 
-    def stage_b(t, s):
-        r0, rows = t * P, min(P, n_rows - t * P)
-        x_t, g_t = x_r[0:rows, t % nb, :], g_r[0:rows, t % nb, :]
-        r, _, rn = consts[t]
+    def row_sums(t, rows, pt, u0, first):
+        """s[t] (+)= p[:, b] @ w[b] for the blocks of the unit at column u0 (pt: their transposes in SBUF)."""
+        for j in range((min(unit, hidden - u0) + P - 1) // P):
+            b = u0 // P + j
+            bw = min(P, hidden - b * P)
+            nisa.nc_matmul(dst=s_ps[0:rows, t % 2:t % 2 + 1], stationary=pt[0:bw, j, 0:rows],
+                           moving=w_col[0:bw, b:b + 1], accumulate=not (first and j == 0))
+
+    def stage_a(t):
+        """Generator: one step per unit of columns."""
+        rows, (x_t, dy_t, g_t) = tiles(t)
+        nisa.dma_copy(dst=x_t, src=x[t * P:t * P + rows, :])
+        nisa.dma_copy(dst=dy_t, src=dy[t * P:t * P + rows, :])
+        rr = consts[t][1][0:rows, :]
+        pending = None
+        for u0 in range(0, hidden, unit):
+            uw = min(unit, hidden - u0)
+            cs = slice(u0, u0 + uw)
+            p = nl.ndarray((P, unit), dtype=dt, buffer=nl.sbuf)
+            nisa.tensor_tensor(dst=p[0:rows, 0:uw], data1=dy_t[:, cs], data2=x_t[:, cs], op=nl.multiply)
+            nisa.tensor_tensor(dst=g_t[:, cs], data1=dy_t[:, cs], data2=w_b[0:rows, cs], op=nl.multiply)
+            nbk = (uw + P - 1) // P
+            for j in range(nbk):
+                b0 = u0 + j * P
+                bw, b = min(P, hidden - b0), b0 // P
+                nisa.nc_matmul(dst=dw_ps[0:bw, nr * b:nr * b + nr], stationary=p[0:rows, j * P:j * P + bw],
+                               moving=rr, accumulate=t > 0)
+            if exact_s:
+                q = nl.ndarray((P, unit), dtype=f32, buffer=nl.sbuf)
+                nisa.tensor_tensor(dst=q[0:rows, 0:uw], data1=g_t[:, cs], data2=x_t[:, cs], op=nl.multiply)
+                nisa.tensor_reduce(dst=s_sb[0:rows, t % 2:t % 2 + 1], op=nl.add, data=q[0:rows, 0:uw], axis=1,
+                                   keepdims=True)
+                yield
+                continue
+            pt_ps = nl.ndarray((P, tb, P), dtype=dt, buffer=nl.psum)
+            for j in range(nbk):
+                bw = min(P, hidden - u0 - j * P)
+                nisa.nc_transpose(dst=pt_ps[0:bw, j, 0:rows], data=p[0:rows, j * P:j * P + bw])
+            pt = nl.ndarray((P, tb, P), dtype=dt, buffer=nl.sbuf)
+            whole = nbk if uw % P == 0 else nbk - 1
+            if whole:
+                nisa.activation(dst=pt[:, 0:whole, 0:rows], op=nl.copy, data=pt_ps[:, 0:whole, 0:rows])
+            if whole < nbk:
+                bw = uw - whole * P
+                nisa.activation(dst=pt[0:bw, whole, 0:rows], op=nl.copy, data=pt_ps[0:bw, whole, 0:rows])
+            if pending is not None:
+                row_sums(t, rows, *pending)
+            pending = (pt, u0, u0 == 0)
+            yield
+        if pending is not None:
+            row_sums(t, rows, *pending)
+
+    def diagonals(t, rows):
+        """[diag(c_hi), diag(c_lo)] (bf16) or [diag(c)] (fp32) with c = -rstd^2 * s / H of row tile t."""
         c = nl.ndarray((P, 1), dtype=f32, buffer=nl.sbuf)
-        nisa.activation(dst=c[0:rows, :], op=nl.copy, data=s[0:rows, :], scale=rn[0:rows, :])
+        nisa.activation(dst=c[0:rows, :], op=nl.copy, data=s_ps[0:rows, t % 2:t % 2 + 1], scale=consts[t][2])
         diags = [nl.ndarray((P, P), dtype=dt, buffer=nl.sbuf) for _ in range(nr)]
         nisa.activation(dst=diags[0][0:rows, 0:rows], op=nl.copy, data=ident[0:rows, 0:rows], scale=c[0:rows, :])
         if nr == 2:
@@ -257,6 +334,13 @@ def rms_norm_bwd_kernel(dy, x, w, rstd):
             nisa.activation(dst=c_lo[0:rows, :], op=nl.copy, data=c_hi[0:rows, :], scale=-1.0, bias=c[0:rows, :])
             nisa.activation(dst=diags[1][0:rows, 0:rows], op=nl.copy, data=ident[0:rows, 0:rows],
                             scale=c_lo[0:rows, :])
+        return diags
+
+    def stage_b(t):
+        """Generator: one step per unit of columns (as stage_a)."""
+        rows, (x_t, _, g_t) = tiles(t)
+        r = consts[t][0]
+        diags = diagonals(t, rows)
         for k0 in range(0, hidden, _DX_CHUNK):
             kw = min(_DX_CHUNK, hidden - k0)
             dx_t = nl.ndarray((P, _DX_CHUNK), dtype=dt, buffer=nl.sbuf)
@@ -270,17 +354,22 @@ def rms_norm_bwd_kernel(dy, x, w, rstd):
                     nisa.nc_matmul(dst=dp[0:rows, 0:cw], stationary=d[0:rows, 0:rows], moving=x_t[:, cs],
                                    accumulate=True)
                 nisa.activation(dst=dx_t[0:rows, c0 - k0:c0 - k0 + cw], op=nl.copy, data=dp[0:rows, 0:cw], scale=r)
-            nisa.dma_copy(dst=dx[r0:r0 + rows, k0:k0 + kw], src=dx_t[0:rows, 0:kw])
+                if c0 + cw == k0 + kw:
+                    nisa.dma_copy(dst=dx[t * P:t * P + rows, k0:k0 + kw], src=dx_t[0:rows, 0:kw])
+                if (c0 + cw) % unit == 0 or c0 + cw == hidden:
+                    yield
 
-    if nb == 2:
-        pending = stage_a(0)
+    if depths[0] > 1:
+        for _ in stage_a(0):
+            pass
         for t in range(n_tiles):
-            nxt = stage_a(t + 1) if t + 1 < n_tiles else None
-            stage_b(t, pending)
-            pending = nxt
+            nxt = stage_a(t + 1) if t + 1 < n_tiles else iter(())
+            for _ in itertools.zip_longest(nxt, stage_b(t)):
+                pass
     else:                      # one-deep rings: stage A of t + 1 would overwrite what stage B of t reads
         for t in range(n_tiles):
-            stage_b(t, stage_a(t))
+            for _ in itertools.chain(stage_a(t), stage_b(t)):
+                pass
 
     # dw[b * 128 + i] = dw_ps[i, nr * b] (+ dw_ps[i, nr * b + 1], the rstd_lo part)
     acc = nl.ndarray((P, n_blk * nr), dtype=f32, buffer=nl.sbuf)
