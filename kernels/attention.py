@@ -71,6 +71,7 @@ _CHUNK_TILES = 4         # 128-row tiles per DMA / per transpose group (512 rows
 _BWD_KV_DOUBLE_MAX_SEQ = 4096  # backward: two K/V sets in SBUF (bf16) up to this length
 _BWD_LAG_B, _BWD_LAG_C = 3, 4
 _BWD_OUT_BUFS = 4        # backward: dK/dV output staging tiles in turn (each store's fixed cost overlaps)   # backward pipeline: stages B and C of unit u emitted with stage A of u + lag
+_FWD_P1_LAG = 2          # forward: pass 1 of chunk n + 2 emitted with pass 2 of chunk n
 _FWD_PV_LAG = 2          # forward pass 2: P @ V of key tile t emitted with the scores of tile t + 2
 _MASKED = -1.0e30        # selected for masked fp32 scores: exp(c * -1e30 - ...) == 0, no -inf arithmetic
 
@@ -187,7 +188,7 @@ def _fwd_max_jobs(cb, qh, r0, n_rows, S, causal, k_t, s1_ps, tl_ps):
                 # the rounded scores is the rounded max (rounding is monotonic), and pass 2 shifts by m rounded
                 # to the input dtype anyway: the same m' as the fp32 path.
                 s_sb = cb["s1_sb"][0:rows, x, 0:w]
-                nisa.activation(dst=s_sb, op=nl.copy, data=s1_ps[0:rows, x, 0:w])
+                nisa.activation(dst=s_sb, op=nl.copy, data=s1_ps[0:rows, x, 0:w], name="s1_copy")
                 if is_diag:
                     nisa.affine_select(dst=cb["s1_sb"][0:rows, x, d0:d0 + rows], pattern=[[-1, rows]],
                                        channel_multiplier=1, on_true_tile=cb["s1_sb"][0:rows, x, d0:d0 + rows],
@@ -213,18 +214,21 @@ def _fwd_max_jobs(cb, qh, r0, n_rows, S, causal, k_t, s1_ps, tl_ps):
 def flash_fwd(q, k, v, causal=True, softmax_scale=1.0):
     """q [B, Hq, S, D], k/v [B, Hkv, S, D] (bf16|fp32) -> (o [B, Hq, S, D] q.dtype, lse [B, Hq, S] fp32).
 
-    Loops: batch -> kv head (K^T and V loaded once, kept in SBUF) -> its query heads -> 512-row query chunks
-    (one DMA in, one out). Two passes per chunk, the exact row max first (no online rescaling):
+    Loops: one flat list of 512-row query chunks over batch -> kv head (K^T and V loaded once, kept in SBUF)
+    -> its query heads -> chunks (causal: a head's longest chunk first), one DMA in, one out per chunk. Two
+    passes per chunk, the exact row max first (no online rescaling):
       pass 1 (per 128-row query tile, 512-key blocks): scores s = q.k in PSUM, m = row max (VectorE).
       pass 2 (per 128-key tile, all the chunk's queries at once: moving free size 512): the transposed scores
              s^T [k, q] = k^T.T @ q^T plus the rank-1 update ones^T @ (-m') (m' = m rounded to the input dtype,
              the row shift, exact in fp32 PSUM up to the sum's rounding), p^T = exp(c*s^T) straight from PSUM
              (ScalarE) already in P @ V's stationary layout (no transposes of p), then o_aug[q, 0:D+1] +=
              p^T.T @ [v | 1]: the ones column of V gives l = rowsum(p) in the same fp32 PSUM sum.
-    Pass 1 of chunk n+1 is emitted one piece per pass-2 step of chunk n, and pass 2 runs P @ V one key tile
-    behind the scores, so each engine's in-order queue has independent work.
-    SBUF per partition (S = 4096, D = 128): k^T 8 KiB + [v | 1] 8.1 KiB + two sets of chunk tiles (bf16; x2
-    for fp32). PSUM: pass-1 scores 2 banks, s^T 2 banks, o_aug 2 banks, transposes 2 banks = 8 of 8.
+    Pass 1 of chunk n+2 (and, at a kv head's first chunk, that head's K/V loads and K^T transposes) is emitted
+    piece by piece, evenly spread over the pass-2 steps of chunk n, and pass 2 runs P @ V two key tiles behind
+    the scores, so each engine's in-order queue has independent work (no drain at chunk or head boundaries).
+    SBUF per partition (S = 4096, D = 128, bf16): three K^T + [v | 1] sets 3 x 16.1 KiB, K rows staging 8 KiB,
+    three sets of chunk tiles (x2 for fp32). PSUM: pass-1 scores 2 banks, s^T 2 banks, o_aug 2 banks,
+    transposes 2 banks = 8 of 8.
     """
     B, Hq, Hkv, G, S, D, T, CH = _dims(q, k)
     dt, f32, c = q.dtype, nl.float32, float(softmax_scale)
@@ -236,12 +240,16 @@ def flash_fwd(q, k, v, causal=True, softmax_scale=1.0):
     st_ps = nl.ndarray((_P, 2, _MM_N), dtype=f32, buffer=nl.psum)
     o_ps = [nl.ndarray((_P, 2, D + 1), dtype=f32, buffer=nl.psum) for _ in range(2)]
     t_ps = [nl.ndarray((_P, _MM_N), dtype=dt, buffer=nl.psum) for _ in range(2)]
-    k_t = nl.ndarray((D, S), dtype=dt, buffer=nl.sbuf)
-    v_aug = nl.ndarray((_P, T, D + 1), dtype=dt, buffer=nl.sbuf)
-    nisa.memset(dst=v_aug[:, :, D:D + 1], value=1.0)
+    # K^T / [V | 1] sets in turn: the next kv head's loads and transposes run during this head's last chunks
+    kv_bufs = []
+    for _ in range(_FWD_P1_LAG + 1):
+        kvb = dict(k_t=nl.ndarray((D, S), dtype=dt, buffer=nl.sbuf),
+                   v_aug=nl.ndarray((_P, T, D + 1), dtype=dt, buffer=nl.sbuf))
+        nisa.memset(dst=kvb["v_aug"][:, :, D:D + 1], value=1.0)
+        kv_bufs.append(kvb)
+    k_rows = nl.ndarray((_P, T, D), dtype=dt, buffer=nl.sbuf)
     ones_row = nl.ndarray((1, _P), dtype=dt, buffer=nl.sbuf)
     nisa.memset(dst=ones_row, value=1.0)
-    stage = [nl.ndarray((_P, _CHUNK_TILES, D), dtype=dt, buffer=nl.sbuf) for _ in range(2)]
     chunk_bufs = [dict(q_rows=nl.ndarray((_P, _CHUNK_TILES, D), dtype=dt, buffer=nl.sbuf),
                        q_t=nl.ndarray((D, CH), dtype=dt, buffer=nl.sbuf),
                        bmax=nl.ndarray((_P, _CHUNK_TILES, NB), dtype=dt, buffer=nl.sbuf),
@@ -252,30 +260,52 @@ def flash_fwd(q, k, v, causal=True, softmax_scale=1.0):
                        recip=nl.ndarray((_P, _CHUNK_TILES), dtype=f32, buffer=nl.sbuf),
                        log_l=nl.ndarray((_P, _CHUNK_TILES), dtype=f32, buffer=nl.sbuf),
                        o_sb=nl.ndarray((_P, _CHUNK_TILES, D), dtype=dt, buffer=nl.sbuf),
-                       lse_sb=nl.ndarray((_P, _CHUNK_TILES), dtype=f32, buffer=nl.sbuf)) for _ in range(2)]
+                       acc_sb=nl.ndarray((_P, _CHUNK_TILES, D + 1), dtype=f32, buffer=nl.sbuf),
+                       lse_sb=nl.ndarray((_P, _CHUNK_TILES), dtype=f32, buffer=nl.sbuf))
+                  for _ in range(_FWD_P1_LAG + 1)]
     p_t = nl.ndarray((_P, _FWD_PV_LAG + 1, CH), dtype=dt, buffer=nl.sbuf)
-    n_chunks = 0
 
-    for b in range(B):
-        for g in range(Hkv):
-            _load_transposed(k_t, k[b, g], S, stage, t_ps)
-            _load_rows(v_aug[:, :, 0:D], v[b, g], 0, S)
-            chunks = [(h, r0, min(CH, S - r0), chunk_bufs[(n_chunks + ci) % 2])
-                      for ci, (h, r0) in enumerate((h, r0) for h in range(g * G, (g + 1) * G)
-                                                   for r0 in range(0, S, CH))]
-            n_chunks += len(chunks)
+    heads = [(b_, g_) for b_ in range(B) for g_ in range(Hkv)]
+    # causal: a head's longest query chunk first, so that the short chunks' pass 1 rides on longer pass 2s
+    order = list(range(0, S, CH))[::-1] if causal else list(range(0, S, CH))
+    chunks = [(hi, h, r0, min(CH, S - r0)) for hi, (b_, g_) in enumerate(heads)
+              for h in range(g_ * G, (g_ + 1) * G) for r0 in order]
+    nsets = _FWD_P1_LAG + 1
 
-            def jobs_of(ci):
-                h, r0, n_rows, cb = chunks[ci]
-                return _fwd_max_jobs(cb, q[b, h], r0, n_rows, S, causal, k_t, s1_ps, t_ps[ci % 2])
-            for job in jobs_of(0):
-                job()
-            for ci, (h, r0, n_rows, cb) in enumerate(chunks):
-                side = jobs_of(ci + 1) if ci + 1 < len(chunks) else []
-                _fwd_pass2(cb, r0, n_rows, S, D, causal, c, k_t, v_aug, ones_row, st_ps, o_ps, p_t, side)
-                _store_rows(o[b, h], cb["o_sb"], r0, n_rows)
-                _store_cols(lse[b, h], cb["lse_sb"], r0, n_rows)
+    def kv_jobs(hi):
+        b_, g_ = heads[hi]
+        return _fwd_kv_jobs(kv_bufs[hi % nsets], k_rows, k[b_, g_], v[b_, g_], S, D, t_ps)
+
+    def jobs_of(n):                 # pass 1 of chunk n, preceded by its kv head's loads at a head's first chunk
+        hi, h, r0, n_rows = chunks[n]
+        kv = kv_jobs(hi) if n == 0 or chunks[n - 1][0] != hi else []
+        return kv + _fwd_max_jobs(chunk_bufs[n % nsets], q[heads[hi][0], h], r0, n_rows, S, causal,
+                                  kv_bufs[hi % nsets]["k_t"], s1_ps, t_ps[n % 2])
+    for n in range(min(_FWD_P1_LAG, len(chunks))):
+        for job in jobs_of(n):
+            job()
+    for n, (hi, h, r0, n_rows) in enumerate(chunks):
+        side = jobs_of(n + _FWD_P1_LAG) if n + _FWD_P1_LAG < len(chunks) else []
+        kvb, cb = kv_bufs[hi % nsets], chunk_bufs[n % nsets]
+        _fwd_pass2(cb, r0, n_rows, S, D, causal, c, kvb["k_t"], kvb["v_aug"], ones_row, st_ps, o_ps, p_t, side)
+        _store_rows(o[heads[hi][0], h], cb["o_sb"], r0, n_rows)
+        _store_cols(lse[heads[hi][0], h], cb["lse_sb"], r0, n_rows)
     return o, lse
+
+
+def _fwd_kv_jobs(kvb, k_rows, kh, vh, S, D, t_ps):
+    """Loading one kv head as closures: the K rows and V (into [V | 1]) by one DMA each, then K^T by TensorE
+    transposes, 512 rows per job (the k_rows staging tile is shared by the two K/V sets: the next head's K rows
+    land only after this head's transposes, which read them, are done)."""
+    def loads():
+        _load_rows(k_rows, kh, 0, S)
+        _load_rows(kvb["v_aug"][:, :, 0:D], vh, 0, S)
+    jobs = [loads] + [lambda: None] * 2
+    for gi, r0 in enumerate(range(0, S, _CHUNK_TILES * _P)):
+        rows, t0 = min(_CHUNK_TILES * _P, S - r0), r0 // _P
+        jobs.append(lambda r0=r0, rows=rows, t0=t0, gi=gi: _transpose_rows(
+            kvb["k_t"], r0, k_rows[:, t0:t0 + (rows + _P - 1) // _P, :], rows, t_ps[gi % 2]))
+    return jobs
 
 
 def _fwd_pass2(cb, r0, n_rows, S, D, causal, c, k_t, v_aug, ones_row, st_ps, o_ps, p_t, side_jobs):
@@ -288,7 +318,7 @@ def _fwd_pass2(cb, r0, n_rows, S, D, causal, c, k_t, v_aug, ones_row, st_ps, o_p
         steps.append((k0, min(_P, S - k0), j))
     started = set()
     side_jobs = list(side_jobs)
-    per_step = -(-len(side_jobs) // max(1, len(steps) - 2))      # done two steps before the chunk's end
+    n_side, span = len(side_jobs), max(1, len(steps) - 2)       # spread evenly, done two steps before the end
     nbuf = _FWD_PV_LAG + 1
 
     def scores(t):
@@ -300,7 +330,7 @@ def _fwd_pass2(cb, r0, n_rows, S, D, causal, c, k_t, v_aug, ones_row, st_ps, o_p
                        accumulate=False, name="scores_t")
         nisa.nc_matmul(dst=st_ps[0:kw, x, 0:qn], stationary=ones_row[0:1, 0:kw],
                        moving=cb["negm_row"][0:1, qa:n_rows], accumulate=True, name="minus_max")
-        nisa.activation(dst=p_t[0:kw, xp, 0:qn], op=nl.exp, data=st_ps[0:kw, x, 0:qn], scale=c)
+        nisa.activation(dst=p_t[0:kw, xp, 0:qn], op=nl.exp, data=st_ps[0:kw, x, 0:qn], scale=c, name="exp")
         if causal and k0 >= r0:      # key tile k0 is query tile j's diagonal: key p vs query f, keep f >= p
             rows = tiles[j][1]
             nisa.affine_select(dst=p_t[0:kw, xp, 0:rows], pattern=[[1, rows]], channel_multiplier=-1,
@@ -321,20 +351,29 @@ def _fwd_pass2(cb, r0, n_rows, S, D, causal, c, k_t, v_aug, ones_row, st_ps, o_p
             scores(t)
         if 0 <= t - _FWD_PV_LAG < len(steps):
             pv(t - _FWD_PV_LAG)
-        for _ in range(per_step):
-            if side_jobs:
-                side_jobs.pop(0)()
+        while side_jobs and n_side - len(side_jobs) < (t + 1) * n_side / span:
+            side_jobs.pop(0)()
     for job in side_jobs:
         job()
-    for i, (i0, rows) in enumerate(tiles):
-        acc = o_ps[i // 2][0:rows, i % 2, :]
-        nisa.reciprocal(dst=cb["recip"][0:rows, i:i + 1], data=acc[:, D:D + 1])
-        nisa.tensor_scalar(dst=cb["o_sb"][0:rows, i, :], data=acc[:, 0:D], op0=nl.multiply,
-                           operand0=cb["recip"][0:rows, i:i + 1])
-        nisa.activation(dst=cb["log_l"][0:rows, i:i + 1], op=nl.log, data=acc[:, D:D + 1])
+    # o_aug leaves PSUM in one ScalarE copy per bank of whole tiles (the Vector/Scalar PSUM port is the
+    # forward's tightest resource); 1/l, o = acc/l, log(l) and lse then read the fp32 SBUF copy
+    acc = cb["acc_sb"]
+    for j in range((len(tiles) + 1) // 2):
+        pair = tiles[2 * j:2 * j + 2]
+        if all(rows == _P for _, rows in pair):
+            nisa.activation(dst=acc[:, 2 * j:2 * j + len(pair), :], op=nl.copy, data=o_ps[j][:, 0:len(pair), :])
+        else:
+            for x, (_, rows) in enumerate(pair):
+                nisa.activation(dst=acc[0:rows, 2 * j + x, :], op=nl.copy, data=o_ps[j][0:rows, x, :])
+    for rows, t0, t1 in _tile_groups(n_rows):
+        nisa.reciprocal(dst=cb["recip"][0:rows, t0:t1], data=acc[0:rows, t0:t1, D])
+        nisa.activation(dst=cb["log_l"][0:rows, t0:t1], op=nl.log, data=acc[0:rows, t0:t1, D])
         # lse = c*m' + log(l), m' = -negm (the shift pass 2 used)
-        nisa.scalar_tensor_tensor(dst=cb["lse_sb"][0:rows, i:i + 1], data=cb["negm"][0:rows, i:i + 1],
-                                  op0=nl.multiply, operand0=-c, op1=nl.add, operand1=cb["log_l"][0:rows, i:i + 1])
+        nisa.scalar_tensor_tensor(dst=cb["lse_sb"][0:rows, t0:t1], data=cb["negm"][0:rows, t0:t1],
+                                  op0=nl.multiply, operand0=-c, op1=nl.add, operand1=cb["log_l"][0:rows, t0:t1])
+    for i, (i0, rows) in enumerate(tiles):
+        nisa.tensor_scalar(dst=cb["o_sb"][0:rows, i, :], data=acc[0:rows, i, 0:D], op0=nl.multiply,
+                           operand0=cb["recip"][0:rows, i:i + 1])
 
 
 # --------------------------------------------------------------------------- backward
