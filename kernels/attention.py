@@ -44,8 +44,9 @@ Layout (contraction on the partition dim, nc_matmul: dst = stationary.T @ moving
   dq     [q, D] += (ds^T [k, q]).T @ k [k, D]           ds^T by TensorE transposes
 TensorE transposes write PSUM in the data's own dtype ("The output dst tile must have the same data type
 as that of data", https://awsdocs-neuron.readthedocs-hosted.com/general/nki/api/generated/nki.isa.nc_transpose.html)
-and are evicted to SBUF by a copy (forward: Vector; backward: ScalarE activation copy, bit-exact for equal
-dtypes, which keeps VectorE for ds and the dK/dV sums).
+and are evicted to SBUF by a ScalarE activation copy (bit-exact for equal dtypes; the forward's K^T and q^T:
+the Vector/Scalar PSUM port is its tightest resource and ScalarE reads PSUM faster; the backward's ds^T,
+which keeps VectorE for ds and the dK/dV sums) or a Vector copy (the backward's K^T, V^T, q^T, do^T).
 
 HBM traffic: per (batch, kv head) K and V are read once and stay in SBUF for all the group's query heads;
 q, o, do, lse are read once and o, lse, dq, dk, dv written once: the minimum-bytes schedule. The price is
@@ -72,6 +73,7 @@ _BWD_KV_DOUBLE_MAX_SEQ = 4096  # backward: two K/V sets in SBUF (bf16) up to thi
 _BWD_LAG_B, _BWD_LAG_C = 3, 4
 _BWD_OUT_BUFS = 4        # backward: dK/dV output staging tiles in turn (each store's fixed cost overlaps)   # backward pipeline: stages B and C of unit u emitted with stage A of u + lag
 _FWD_P1_LAG = 2          # forward: pass 1 of chunk n + 2 emitted with pass 2 of chunk n
+_FWD_S1_BUFS = 3         # forward pass-1 score buffers (PSUM banks) in turn (bf16; fp32: 2)
 _FWD_PV_LAG = 2          # forward pass 2: P @ V of key tile t emitted with the scores of tile t + 2
 _MASKED = -1.0e30        # selected for masked fp32 scores: exp(c * -1e30 - ...) == 0, no -inf arithmetic
 
@@ -133,7 +135,7 @@ def _load_cols(dst, src, r0, n_rows):
         nisa.dma_copy(dst=dst[0:tail, n_full:n_full + 1], src=src[r0 + n_full * _P:r0 + n_rows])
 
 
-def _transpose_rows(dst_t, c0, rows_sb, n_rows, t_ps):
+def _transpose_rows(dst_t, c0, rows_sb, n_rows, t_ps, scalar_copy=False):
     """dst_t[:, c0:c0+n_rows] (SBUF [D, *]) = transpose of the row tiles rows_sb [128, n_tiles, D] (<= 4 tiles).
 
     One TensorE transpose per tile into the PSUM tile t_ps [128, 512] (dtype of the data), then one Vector
@@ -141,7 +143,10 @@ def _transpose_rows(dst_t, c0, rows_sb, n_rows, t_ps):
     d = rows_sb.shape[2]
     for t, (r0, rows) in enumerate(_tiles(n_rows)):
         nisa.nc_transpose(dst=t_ps[0:d, r0:r0 + rows], data=rows_sb[0:rows, t, :])
-    nisa.tensor_copy(dst=dst_t[0:d, c0:c0 + n_rows], src=t_ps[0:d, 0:n_rows])
+    if scalar_copy:
+        nisa.activation(dst=dst_t[0:d, c0:c0 + n_rows], op=nl.copy, data=t_ps[0:d, 0:n_rows])
+    else:
+        nisa.tensor_copy(dst=dst_t[0:d, c0:c0 + n_rows], src=t_ps[0:d, 0:n_rows])
 
 
 def _load_transposed(dst_t, src, n_rows, stage, t_ps, rows_dst=None):
@@ -162,7 +167,7 @@ def _load_transposed(dst_t, src, n_rows, stage, t_ps, rows_dst=None):
 
 # --------------------------------------------------------------------------- forward
 
-def _fwd_max_jobs(cb, qh, r0, n_rows, S, causal, k_t, s1_ps, tl_ps):
+def _fwd_max_jobs(cb, qh, r0, n_rows, S, causal, k_t, s1_ps, tl_ps, ring):
     """Pass 1 of one query chunk as a list of closures (emitted one per pass-2 step of the previous chunk): load
     q and make q^T; per (query tile, 512-key block) the scores and their row max (VectorE from PSUM; the
     diagonal sub-block masked by select first); then m = max over the blocks and the row -bf16(m) of the chunk's
@@ -170,15 +175,16 @@ def _fwd_max_jobs(cb, qh, r0, n_rows, S, causal, k_t, s1_ps, tl_ps):
     tiles = _tiles(n_rows)
 
     jobs = [lambda: _load_rows(cb["q_rows"], qh, r0, n_rows), lambda: None, lambda: None,   # DMA fixed cost
-            lambda: _transpose_rows(cb["q_t"], 0, cb["q_rows"], n_rows, tl_ps)]
+            lambda: _transpose_rows(cb["q_t"], 0, cb["q_rows"], n_rows, tl_ps, scalar_copy=True)]
     n_blk = []
     for i, (i0, rows) in enumerate(tiles):
         kv_end = r0 + i0 + rows if causal else S
         blocks = list(range(0, kv_end, _MM_N))
         n_blk.append(len(blocks))
         for bj, j0 in enumerate(blocks):
-            def block(i=i, i0=i0, rows=rows, kv_end=kv_end, bj=bj, j0=j0):
-                x, w = bj % 2, min(_MM_N, kv_end - j0)
+            ring[0] += 1             # PSUM/SBUF score buffers in turn across tiles and chunks
+            def block(i=i, i0=i0, rows=rows, kv_end=kv_end, bj=bj, j0=j0, x=ring[0] % s1_ps.shape[1]):
+                w = min(_MM_N, kv_end - j0)
                 nisa.nc_matmul(dst=s1_ps[0:rows, x, 0:w], stationary=cb["q_t"][:, i0:i0 + rows],
                                moving=k_t[:, j0:j0 + w], accumulate=False, name="scores")
                 d0 = r0 + i0 - j0
@@ -227,8 +233,8 @@ def flash_fwd(q, k, v, causal=True, softmax_scale=1.0):
     piece by piece, evenly spread over the pass-2 steps of chunk n, and pass 2 runs P @ V two key tiles behind
     the scores, so each engine's in-order queue has independent work (no drain at chunk or head boundaries).
     SBUF per partition (S = 4096, D = 128, bf16): three K^T + [v | 1] sets 3 x 16.1 KiB, K rows staging 8 KiB,
-    three sets of chunk tiles (x2 for fp32). PSUM: pass-1 scores 2 banks, s^T 2 banks, o_aug 2 banks,
-    transposes 2 banks = 8 of 8.
+    three sets of chunk tiles (x2 for fp32). PSUM: pass-1 scores 3 banks (fp32: 2), s^T 2 banks, o_aug 2 banks,
+    transposes 1 bank (fp32: 2) = 8 of 8.
     """
     B, Hq, Hkv, G, S, D, T, CH = _dims(q, k)
     dt, f32, c = q.dtype, nl.float32, float(softmax_scale)
@@ -236,10 +242,12 @@ def flash_fwd(q, k, v, causal=True, softmax_scale=1.0):
     lse = nl.ndarray((B, Hq, S), dtype=f32, buffer=nl.shared_hbm)
     NB = (S + _MM_N - 1) // _MM_N
 
-    s1_ps = nl.ndarray((_P, 2, _MM_N), dtype=f32, buffer=nl.psum)
+    n_s1 = _FWD_S1_BUFS if dt != f32 else 2    # fp32: the two transpose groups take two banks
+    s1_ps = nl.ndarray((_P, n_s1, _MM_N), dtype=f32, buffer=nl.psum)
     st_ps = nl.ndarray((_P, 2, _MM_N), dtype=f32, buffer=nl.psum)
     o_ps = [nl.ndarray((_P, 2, D + 1), dtype=f32, buffer=nl.psum) for _ in range(2)]
-    t_ps = [nl.ndarray((_P, _MM_N), dtype=dt, buffer=nl.psum) for _ in range(2)]
+    t_all = nl.ndarray((_P, 2, _MM_N), dtype=dt, buffer=nl.psum)      # two transpose groups in one bank
+    t_ps = [t_all[:, 0, :], t_all[:, 1, :]]
     # K^T / [V | 1] sets in turn: the next kv head's loads and transposes run during this head's last chunks
     kv_bufs = []
     for _ in range(_FWD_P1_LAG + 1):
@@ -253,7 +261,7 @@ def flash_fwd(q, k, v, causal=True, softmax_scale=1.0):
     chunk_bufs = [dict(q_rows=nl.ndarray((_P, _CHUNK_TILES, D), dtype=dt, buffer=nl.sbuf),
                        q_t=nl.ndarray((D, CH), dtype=dt, buffer=nl.sbuf),
                        bmax=nl.ndarray((_P, _CHUNK_TILES, NB), dtype=dt, buffer=nl.sbuf),
-                       s1_sb=nl.ndarray((_P, 2, _MM_N), dtype=dt, buffer=nl.sbuf),
+                       s1_sb=nl.ndarray((_P, n_s1, _MM_N), dtype=dt, buffer=nl.sbuf),
                        m=nl.ndarray((_P, _CHUNK_TILES), dtype=f32, buffer=nl.sbuf),
                        negm=nl.ndarray((_P, _CHUNK_TILES), dtype=dt, buffer=nl.sbuf),
                        negm_row=nl.ndarray((1, CH), dtype=dt, buffer=nl.sbuf),
@@ -270,7 +278,7 @@ def flash_fwd(q, k, v, causal=True, softmax_scale=1.0):
     order = list(range(0, S, CH))[::-1] if causal else list(range(0, S, CH))
     chunks = [(hi, h, r0, min(CH, S - r0)) for hi, (b_, g_) in enumerate(heads)
               for h in range(g_ * G, (g_ + 1) * G) for r0 in order]
-    nsets = _FWD_P1_LAG + 1
+    nsets, ring = _FWD_P1_LAG + 1, [0]
 
     def kv_jobs(hi):
         b_, g_ = heads[hi]
@@ -280,7 +288,7 @@ def flash_fwd(q, k, v, causal=True, softmax_scale=1.0):
         hi, h, r0, n_rows = chunks[n]
         kv = kv_jobs(hi) if n == 0 or chunks[n - 1][0] != hi else []
         return kv + _fwd_max_jobs(chunk_bufs[n % nsets], q[heads[hi][0], h], r0, n_rows, S, causal,
-                                  kv_bufs[hi % nsets]["k_t"], s1_ps, t_ps[n % 2])
+                                  kv_bufs[hi % nsets]["k_t"], s1_ps, t_ps[n % 2], ring)
     for n in range(min(_FWD_P1_LAG, len(chunks))):
         for job in jobs_of(n):
             job()
@@ -304,7 +312,7 @@ def _fwd_kv_jobs(kvb, k_rows, kh, vh, S, D, t_ps):
     for gi, r0 in enumerate(range(0, S, _CHUNK_TILES * _P)):
         rows, t0 = min(_CHUNK_TILES * _P, S - r0), r0 // _P
         jobs.append(lambda r0=r0, rows=rows, t0=t0, gi=gi: _transpose_rows(
-            kvb["k_t"], r0, k_rows[:, t0:t0 + (rows + _P - 1) // _P, :], rows, t_ps[gi % 2]))
+            kvb["k_t"], r0, k_rows[:, t0:t0 + (rows + _P - 1) // _P, :], rows, t_ps[gi % 2], scalar_copy=True))
     return jobs
 
 
