@@ -31,7 +31,6 @@ from kernels.nki_compat import nki, nl, nisa
 MAX_HIDDEN = 8192
 _FWD_CHUNK_BYTES = 16384   # bytes per partition of the forward's column chunk (whole row at bf16, H <= 8192)
 _VEC_SHARE = 0.34          # share of the x * rstd columns done on VectorE (the rest on ScalarE)
-_DX_CHUNK = 2048       # columns per dx store of the backward (4 KiB per partition at bf16)
 _PSUM_F = 512          # fp32 elements of one PSUM bank per partition (nl.tile_size.psum_fmax on trn1)
 _PSUM_BANK = 2048      # bytes of one PSUM bank per partition (trn1: 8 banks x 2 KiB)
 _BWD_TEMP_BYTES = 24 * 1024   # SBUF per partition of the backward's chunk temporaries (budget in its docstring)
@@ -185,15 +184,25 @@ def _column_blocks(w_row, hidden, dt):
     return w_col
 
 
-def _ring_depths(hidden, itemsize):
-    """(x, dy, g) ring depths of the backward: the deepest set whose SBUF fits trn1's 176 KiB per partition next
-    to w (one row) and the chunk temporaries (_BWD_TEMP_BYTES). x and dy three deep let the loads of row tile
-    t + 2 run while tiles t (stage B) and t + 1 (stage A) are in use."""
+def _bwd_plan(hidden, itemsize):
+    """(group, (x, dy, g) ring depths) of the backward. group: full row tiles per load DMA (2 while a row is under
+    16 KiB per partition, so that each DMA packet moves >= 128 KiB and its fixed setup stays ~4% of it [DMAX]).
+    Depths: the deepest set whose SBUF fits trn1's 176 KiB per partition next to w (one row) and the chunk
+    temporaries (_BWD_TEMP_BYTES); x and dy three deep (four with pairs) let the loads of row tile t + 2 run
+    while tiles t (stage B) and t + 1 (stage A) are in use."""
     row = hidden * itemsize
-    for depths in ((3, 3, 2), (3, 2, 2), (2, 2, 2)):
+    plans = ((2, (8, 6, 2)), (2, (6, 4, 2)), (2, (4, 4, 2))) if row < 16 * 1024 else ()
+    for group, depths in plans + ((1, (4, 2, 2)), (1, (3, 3, 2)), (1, (3, 2, 2)), (1, (2, 2, 2))):
         if (sum(depths) + 1) * row + _BWD_TEMP_BYTES <= 176 * 1024:
-            return depths
-    return (1, 1, 1)
+            return group, depths
+    return 1, (1, 1, 1)
+
+
+def _store_chunk(hidden, itemsize):
+    """Columns per dx store: the row in equal parts of at most 8 KiB per partition (64 KiB DMA packets, setup
+    ~8% of a packet [DMAX]), multiples of 512 (one PSUM bank of D) where the row allows."""
+    parts = -(-hidden * itemsize // 8192)
+    return -(-hidden // parts // _PSUM_F) * _PSUM_F
 
 
 @nki.jit
@@ -206,20 +215,27 @@ def rms_norm_bwd_kernel(dy, x, w, rstd):
         at fp32): VectorE p and g (bf16 fast path); TensorE dw_ps[b] += p[:, b].T @ [rstd_hi, rstd_lo] per
         128-column block b (fp32 PSUM across all row tiles) and p[:, b].T into PSUM (nc_transpose); ScalarE
         copies the transposed blocks to SBUF; TensorE s += p[:, b] @ w[b] (the transposed block as stationary,
-        w's column block as moving: the row sum s = sum(g * x) = sum(p * w) in fp32 PSUM, issued one unit
-        late so that TensorE does not wait on the copy).
-      stage B, per 512-column bank: PSUM D = I @ g + diag(c_hi) @ x + diag(c_lo) @ x with c = -rstd^2 * s / H
-        split into bf16 hi + lo (TensorE, fp32 accumulation), dx = rstd * D (ScalarE, rounded once to x.dtype).
+        w's column block as moving), issued one unit late so that TensorE does not wait on the copy. After the
+        last unit, ScalarE builds diag(c_hi), diag(c_lo) from c = -rstd^2 * s / H (bf16 hi + lo).
+      stage B, per 512-column bank: PSUM D = I @ g + diag(c_hi) @ x + diag(c_lo) @ x (TensorE, fp32
+        accumulation), dx = rstd * D (ScalarE, rounded once to x.dtype); stores of up to 8 KiB per partition.
     Program order interleaves stage A of row tile t + 1 with stage B of tile t unit by unit, so that each
-    in-order engine queue alternates between the two tiles and the per-row statistics of tile t are ready
-    (stage A of t ran in the previous round) when stage B of t starts. Sums: s in fp32 PSUM over the row of
-    bf16 products p * w (exact in fp32); dw over the rows of a tile in one fp32 matmul, then across tiles in
-    fp32 PSUM, of bf16(dy * x) * rstd (one rounding of the product; PyTorch's bf16 autograd rounds
-    dy * bf16(x_hat)). At fp32 every product and sum is fp32 (no hi/lo split).
-    SBUF per partition (interpreter peak) at H = 8192 bf16: w 16 KiB + rings x 3, dy 3, g 2 (128 KiB) +
-    temporaries (p and its transpose 2 KiB each, dx 4 KiB, two of some alive while a loop rebinds them)
-    = 157 KiB; at fp32 one-deep rings (stage A and B of a tile alternate) = 145 KiB. PSUM: at most 5 of
-    trn1's 8 banks (dw, s, and the transposes and D of the units in flight).
+    in-order engine queue alternates between the two tiles and the diagonals of tile t are built (at the end
+    of its stage A) before stage B of t needs them. Loads: full row tiles in pairs (one DMA per tensor and
+    pair) where a row is under 16 KiB per partition, except the first and last two tiles; x and dy rings as
+    deep as SBUF allows (_bwd_plan) so that loads run ahead of compute.
+    Sums: s = sum(bf16(dy * x) * w) in fp32 PSUM (each product exact in fp32): it differs from sum(g * x) by
+    the roundings of p and g, which the projection term mostly cancels for wide rows; a row of one unit
+    (H <= 1024 at bf16, 512 at fp32) takes s = sum(g * x) from VectorE instead (fp32 products of the rounded
+    g, exact), which keeps dx within 2x PyTorch's error at H = 1 (measured: the p-based sum broke it at
+    H <= 3 and matched PyTorch's error from H ~ 24 on). dw over the rows of a tile in one fp32 matmul, then
+    across tiles in fp32 PSUM, of bf16(dy * x) * rstd (one rounding of the product; PyTorch's bf16 autograd
+    rounds dy * bf16(x_hat)). At fp32 every product and sum is fp32 (no hi/lo split).
+    SBUF per partition (interpreter peak): 7B (H = 4096 bf16) w 8 KiB + pairs, rings x 8, dy 6, g 2 (128
+    KiB) + temporaries (p and its transpose 2 KiB each, dx staging up to 8 KiB, two of each alive while a
+    loop rebinds them) = 151 KiB; 70B (H = 8192) single tiles, rings 4, 2, 2 = 165 KiB; fp32 at H = 8192
+    one-deep rings (stage A and B of a tile alternate) = 145 KiB. PSUM: at most 5 of trn1's 8 banks (dw, s,
+    and the transposes and D of the units in flight).
     """
     n_rows, hidden = x.shape
     P = nl.tile_size.pmax
@@ -240,7 +256,18 @@ def rms_norm_bwd_kernel(dy, x, w, rstd):
     n_blk = (hidden + P - 1) // P
     tb = _PSUM_BANK // (P * dt.itemsize)           # transposed [128, 128] blocks per PSUM bank
     unit = tb * P
-    depths = _ring_depths(hidden, dt.itemsize)
+    store_chunk = _store_chunk(hidden, dt.itemsize)
+    group, depths = _bwd_plan(hidden, dt.itemsize)
+    # loads[t]: (first tile, tiles) of the load DMAs stage A of tile t issues (pairs of full tiles, else single)
+    loads = {}
+    for t in range(n_tiles):
+        if t % group == 0:
+            # the first and last two tiles singly: compute starts sooner and the drain is shorter
+            k = group if 2 <= t and t + group <= n_full - 2 else 1
+            loads.update({t + i: None for i in range(k)})
+            loads[t] = (t, k)
+        elif loads.get(t, 0) == 0:
+            loads[t] = (t, 1)
     x_r, dy_r, g_r = (nl.ndarray((P, d, hidden), dtype=dt, buffer=nl.sbuf) for d in depths)
     dw_ps = nl.ndarray((P, n_blk * nr), dtype=f32, buffer=nl.psum)
     # Row sums s of tiles t and t + 1. A row of one unit takes s = sum(g * x) from VectorE (fp32 product of the
@@ -279,8 +306,14 @@ def rms_norm_bwd_kernel(dy, x, w, rstd):
     def stage_a(t):
         """Generator: one step per unit of columns."""
         rows, (x_t, dy_t, g_t) = tiles(t)
-        nisa.dma_copy(dst=x_t, src=x[t * P:t * P + rows, :])
-        nisa.dma_copy(dst=dy_t, src=dy[t * P:t * P + rows, :])
+        if loads[t] is not None:
+            t0, k = loads[t]
+            for buf, src, d in ((x_r, x, depths[0]), (dy_r, dy, depths[1])):
+                if k == 1:
+                    nisa.dma_copy(dst=buf[0:rows, t % d, :], src=src[t * P:t * P + rows, :])
+                else:       # rows [t0 * P, (t0 + k) * P) as [P, k, H]: row t0 * P + j * P + i -> [i, slot + j]
+                    view = src[t0 * P:(t0 + k) * P, :].reshape((k, P, hidden)).permute((1, 0, 2))
+                    nisa.dma_copy(dst=buf[:, t0 % d:t0 % d + k, :], src=view)
         rr = consts[t][1][0:rows, :]
         pending = None
         for u0 in range(0, hidden, unit):
@@ -319,6 +352,7 @@ def rms_norm_bwd_kernel(dy, x, w, rstd):
             yield
         if pending is not None:
             row_sums(t, rows, *pending)
+        diags[t] = diagonals(t, rows)
 
     def diagonals(t, rows):
         """[diag(c_hi), diag(c_lo)] (bf16) or [diag(c)] (fp32) with c = -rstd^2 * s / H of row tile t."""
@@ -340,17 +374,19 @@ def rms_norm_bwd_kernel(dy, x, w, rstd):
         """Generator: one step per unit of columns (as stage_a)."""
         rows, (x_t, _, g_t) = tiles(t)
         r = consts[t][0]
-        diags = diagonals(t, rows)
-        for k0 in range(0, hidden, _DX_CHUNK):
-            kw = min(_DX_CHUNK, hidden - k0)
-            dx_t = nl.ndarray((P, _DX_CHUNK), dtype=dt, buffer=nl.sbuf)
+        dg = diags.pop(t)
+        # the last tile's stores in units: they follow its compute closely (the kernel's drain)
+        chunk = unit if t == n_tiles - 1 else store_chunk
+        for k0 in range(0, hidden, chunk):
+            kw = min(chunk, hidden - k0)
+            dx_t = nl.ndarray((P, chunk), dtype=dt, buffer=nl.sbuf)
             for c0 in range(k0, k0 + kw, _PSUM_F):
                 cw = min(_PSUM_F, k0 + kw - c0)
                 cs = slice(c0, c0 + cw)
                 dp = nl.ndarray((P, _PSUM_F), dtype=f32, buffer=nl.psum)
                 nisa.nc_matmul(dst=dp[0:rows, 0:cw], stationary=ident[0:rows, 0:rows], moving=g_t[:, cs],
                                accumulate=False)
-                for d in diags:
+                for d in dg:
                     nisa.nc_matmul(dst=dp[0:rows, 0:cw], stationary=d[0:rows, 0:rows], moving=x_t[:, cs],
                                    accumulate=True)
                 nisa.activation(dst=dx_t[0:rows, c0 - k0:c0 - k0 + cw], op=nl.copy, data=dp[0:rows, 0:cw], scale=r)
@@ -359,13 +395,16 @@ def rms_norm_bwd_kernel(dy, x, w, rstd):
                 if (c0 + cw) % unit == 0 or c0 + cw == hidden:
                     yield
 
+    diags = {}
     if depths[0] > 1:
-        for _ in stage_a(0):
+        # unit j of stage B of tile t follows unit j of stage A of tile t + 1 (trailing further measured slower)
+        n_units = (hidden + unit - 1) // unit
+        steps_a = itertools.chain.from_iterable(stage_a(t) for t in range(n_tiles))
+        steps_b = itertools.chain.from_iterable(stage_b(t) for t in range(n_tiles))
+        for _ in itertools.islice(steps_a, n_units):
             pass
-        for t in range(n_tiles):
-            nxt = stage_a(t + 1) if t + 1 < n_tiles else iter(())
-            for _ in itertools.zip_longest(nxt, stage_b(t)):
-                pass
+        for _ in itertools.zip_longest(steps_a, steps_b):
+            pass
     else:                      # one-deep rings: stage A of t + 1 would overwrite what stage B of t reads
         for t in range(n_tiles):
             for _ in itertools.chain(stage_a(t), stage_b(t)):

@@ -120,6 +120,22 @@ def test_hbm_bytes_are_minimal():
     assert (read, written) == (2 * 2 * n * h + 2 * h + 4 * n, 2 * n * h + 2 * h)
 
 
+@pytest.mark.parametrize("n,hidden,dtype", [(1100, 1500, torch.bfloat16), (1100, 700, torch.float32)],
+                         ids=["bf16", "fp32"])
+def test_backward_paired_loads_and_tail(n, hidden, dtype):
+    """Shapes the property tests above do not reach (they stop at 300 rows): eight full row tiles, so that the
+    backward loads pairs of tiles with one DMA, a 76-row tail tile, and rows of two units (several transposed
+    PSUM banks per row, the row sum on TensorE). dx and dweight against float64 on every element."""
+    x, w, dy = make_inputs(n, hidden, dtype, 11)
+    rstd = torch.rsqrt(x.float().pow(2).mean(-1) + EPS)
+    dx, dw = rmsnorm.rms_norm_bwd(dy, x, w, rstd)
+    _, dx64, dw64 = ref_fwd_bwd(x.double(), w.double(), dy.double())
+    _, dx_pt, dw_pt = ref_fwd_bwd(x, w, dy)
+    dx_scale, dw_scale = grad_scales(x, w, dy)
+    assert_close_2x("dx", dx, dx64, dx_pt, dx_scale)
+    assert_close_2x("dweight", dw, dw64, dw_pt, dw_scale)
+
+
 @pytest.mark.parametrize("n,hidden,dtype", [(4096, 4096, torch.bfloat16), (4096, 5120, torch.bfloat16),
                                             (4096, 8192, torch.bfloat16), (300, 8192, torch.float32)],
                          ids=["7b", "13b", "70b", "70b-fp32-300rows"])
