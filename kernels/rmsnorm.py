@@ -258,25 +258,20 @@ def rms_norm_bwd_kernel(dy, x, w, rstd):
     unit = tb * P
     store_chunk = _store_chunk(hidden, dt.itemsize)
     group, depths = _bwd_plan(hidden, dt.itemsize)
-    # loads[t]: (first tile, tiles) of the load DMAs stage A of tile t issues (pairs of full tiles, else single)
+    # loads[t] = (t, k): stage A of tile t loads tiles t .. t + k - 1 (k = group: one DMA per tensor and pair,
+    # ring slots aligned; the first and last two tiles singly, so that compute starts sooner and the drain is
+    # shorter). Tiles of a pair after its first are absent.
     loads = {}
-    for t in range(n_tiles):
-        if t % group == 0:
-            # the first and last two tiles singly: compute starts sooner and the drain is shorter
-            k = group if 2 <= t and t + group <= n_full - 2 else 1
-            loads.update({t + i: None for i in range(k)})
-            loads[t] = (t, k)
-        elif loads.get(t, 0) == 0:
-            loads[t] = (t, 1)
+    t = 0
+    while t < n_tiles:
+        k = group if 2 <= t and t + group <= n_full - 2 and t % group == 0 else 1
+        loads[t] = (t, k)
+        t += k
     x_r, dy_r, g_r = (nl.ndarray((P, d, hidden), dtype=dt, buffer=nl.sbuf) for d in depths)
     dw_ps = nl.ndarray((P, n_blk * nr), dtype=f32, buffer=nl.psum)
-    # Row sums s of tiles t and t + 1. A row of one unit takes s = sum(g * x) from VectorE (fp32 product of the
-    # rounded g, exact): with few columns the projection removes most of g's rounding error, and s must then
-    # match the g that D uses; sum(p * w) differs by the rounding of p and g (at H <= 3 that broke the 2x
-    # criterion; from H ~ 24 on the error equals PyTorch's).
+    # row sums s of tiles t and t + 1; rows of one unit take s = sum(g * x) from VectorE (docstring: Sums)
     exact_s = hidden <= unit
-    s_ps = nl.ndarray((P, 2), dtype=f32, buffer=nl.sbuf if exact_s else nl.psum)
-    s_sb = s_ps
+    s_acc = nl.ndarray((P, 2), dtype=f32, buffer=nl.sbuf if exact_s else nl.psum)
 
     consts = []
     if n_full:
@@ -300,13 +295,13 @@ def rms_norm_bwd_kernel(dy, x, w, rstd):
         for j in range((min(unit, hidden - u0) + P - 1) // P):
             b = u0 // P + j
             bw = min(P, hidden - b * P)
-            nisa.nc_matmul(dst=s_ps[0:rows, t % 2:t % 2 + 1], stationary=pt[0:bw, j, 0:rows],
+            nisa.nc_matmul(dst=s_acc[0:rows, t % 2:t % 2 + 1], stationary=pt[0:bw, j, 0:rows],
                            moving=w_col[0:bw, b:b + 1], accumulate=not (first and j == 0))
 
     def stage_a(t):
         """Generator: one step per unit of columns."""
         rows, (x_t, dy_t, g_t) = tiles(t)
-        if loads[t] is not None:
+        if t in loads:
             t0, k = loads[t]
             for buf, src, d in ((x_r, x, depths[0]), (dy_r, dy, depths[1])):
                 if k == 1:
@@ -331,7 +326,7 @@ def rms_norm_bwd_kernel(dy, x, w, rstd):
             if exact_s:
                 q = nl.ndarray((P, unit), dtype=f32, buffer=nl.sbuf)
                 nisa.tensor_tensor(dst=q[0:rows, 0:uw], data1=g_t[:, cs], data2=x_t[:, cs], op=nl.multiply)
-                nisa.tensor_reduce(dst=s_sb[0:rows, t % 2:t % 2 + 1], op=nl.add, data=q[0:rows, 0:uw], axis=1,
+                nisa.tensor_reduce(dst=s_acc[0:rows, t % 2:t % 2 + 1], op=nl.add, data=q[0:rows, 0:uw], axis=1,
                                    keepdims=True)
                 yield
                 continue
@@ -357,18 +352,18 @@ def rms_norm_bwd_kernel(dy, x, w, rstd):
     def diagonals(t, rows):
         """[diag(c_hi), diag(c_lo)] (bf16) or [diag(c)] (fp32) with c = -rstd^2 * s / H of row tile t."""
         c = nl.ndarray((P, 1), dtype=f32, buffer=nl.sbuf)
-        nisa.activation(dst=c[0:rows, :], op=nl.copy, data=s_ps[0:rows, t % 2:t % 2 + 1], scale=consts[t][2])
-        diags = [nl.ndarray((P, P), dtype=dt, buffer=nl.sbuf) for _ in range(nr)]
-        nisa.activation(dst=diags[0][0:rows, 0:rows], op=nl.copy, data=ident[0:rows, 0:rows], scale=c[0:rows, :])
+        nisa.activation(dst=c[0:rows, :], op=nl.copy, data=s_acc[0:rows, t % 2:t % 2 + 1], scale=consts[t][2])
+        out = [nl.ndarray((P, P), dtype=dt, buffer=nl.sbuf) for _ in range(nr)]
+        nisa.activation(dst=out[0][0:rows, 0:rows], op=nl.copy, data=ident[0:rows, 0:rows], scale=c[0:rows, :])
         if nr == 2:
             # c_lo = c - bf16(c): the bf16 diagonal alone would round c by up to 2^-9
             c_hi = nl.ndarray((P, 1), dtype=dt, buffer=nl.sbuf)
             nisa.activation(dst=c_hi[0:rows, :], op=nl.copy, data=c[0:rows, :])
             c_lo = nl.ndarray((P, 1), dtype=f32, buffer=nl.sbuf)
             nisa.activation(dst=c_lo[0:rows, :], op=nl.copy, data=c_hi[0:rows, :], scale=-1.0, bias=c[0:rows, :])
-            nisa.activation(dst=diags[1][0:rows, 0:rows], op=nl.copy, data=ident[0:rows, 0:rows],
+            nisa.activation(dst=out[1][0:rows, 0:rows], op=nl.copy, data=ident[0:rows, 0:rows],
                             scale=c_lo[0:rows, :])
-        return diags
+        return out
 
     def stage_b(t):
         """Generator: one step per unit of columns (as stage_a)."""
