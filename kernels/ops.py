@@ -139,6 +139,10 @@ def _active(op, tensors):
     if name not in _logged and not torch.compiler.is_compiling():     # a log call would break a compiled graph
         _logged.add(name)
         log.info("kernels.ops: backend %r active (first op: %s)", name, op)
+    if any(t.numel() == 0 for t in tensors):
+        # an empty batch (zero rows or tokens): a kernel has no empty launch grid, and the reference's result
+        # there is exact and tiny (empty outputs, zero weight gradients)
+        return "reference"
     return name
 
 
@@ -176,19 +180,13 @@ def _empty(t, dtype=None):
     return torch.empty(t.shape, dtype=dtype or t.dtype, device=t.device)
 
 
-def _no_elements(*ts):
-    """True for an empty batch (zero rows or tokens). A kernel has no empty launch grid, so the sim/nki custom ops
-    answer it with the reference, whose result there is exact and tiny: empty outputs, zero weight gradients."""
-    return any(t.numel() == 0 for t in ts)
-
-
 # --------------------------------------------------------------------------- RMSNorm
 
 @torch.library.custom_op("llama_kernels::rms_norm_fwd", mutates_args=())
 def _rms_norm_fwd(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     """(y, rstd): y in x.dtype, rstd [x.shape[:-1]] in fp32 (fp64 for fp64 input)."""
     backend = _active("rms_norm", (x, weight))
-    if backend == "reference" or _no_elements(x):
+    if backend == "reference":
         return _dense(*ref.rms_norm_ref(x, weight, eps))
     h = x.shape[-1]
     y2d, rstd = _kernel_module("rmsnorm").rms_norm_fwd(x.reshape(-1, h), weight.to(x.dtype), eps)
@@ -204,7 +202,7 @@ def _(x, weight, eps):
 def _rms_norm_bwd(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor]:
     """(dx in x.dtype, dweight in weight.dtype)."""
     backend = _active("rms_norm_bwd", (dy, x, weight, rstd))
-    if backend == "reference" or _no_elements(x):
+    if backend == "reference":
         return _dense(*ref.rms_norm_bwd_ref(dy, x, weight, rstd))
     h = x.shape[-1]
     dx2d, dw = _kernel_module("rmsnorm").rms_norm_bwd(dy.reshape(-1, h).to(x.dtype), x.reshape(-1, h),
@@ -294,7 +292,7 @@ def _cos_sin_bsd(cos, sin, b):
 @torch.library.custom_op("llama_kernels::rope_fwd", mutates_args=())
 def _rope_fwd(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
     backend = _active("apply_rope", (q, k, cos, sin))
-    if backend == "reference" or _no_elements(q, k):
+    if backend == "reference":
         return _dense(*ref.apply_rope_ref(q, k, cos, sin))
     c, s = _cos_sin_bsd(cos, sin, q.shape[0])
     return _dense(*_kernel_module("rope").rope_fwd(q, k, c, s))
@@ -308,7 +306,7 @@ def _(q, k, cos, sin):
 @torch.library.custom_op("llama_kernels::rope_bwd", mutates_args=())
 def _rope_bwd(dq_rot: Tensor, dk_rot: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
     backend = _active("apply_rope_bwd", (dq_rot, dk_rot, cos, sin))
-    if backend == "reference" or _no_elements(dq_rot, dk_rot):
+    if backend == "reference":
         return _dense(*ref.rope_bwd_ref(dq_rot, dk_rot, cos, sin))
     c, s = _cos_sin_bsd(cos, sin, dq_rot.shape[0])
     return _dense(*_kernel_module("rope").rope_bwd(dq_rot, dk_rot, c, s))
@@ -400,7 +398,7 @@ def apply_rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, 
 @torch.library.custom_op("llama_kernels::swiglu_fwd", mutates_args=())
 def _swiglu_fwd(gate: Tensor, up: Tensor) -> Tensor:
     backend = _active("swiglu", (gate, up))
-    if backend == "reference" or _no_elements(gate):
+    if backend == "reference":
         return ref.swiglu_ref(gate, up).contiguous()
     f = gate.shape[-1]
     out2d = _kernel_module("swiglu").swiglu_fwd(gate.reshape(-1, f), up.reshape(-1, f))
@@ -415,7 +413,7 @@ def _(gate, up):
 @torch.library.custom_op("llama_kernels::swiglu_bwd", mutates_args=())
 def _swiglu_bwd(dout: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
     backend = _active("swiglu_bwd", (dout, gate, up))
-    if backend == "reference" or _no_elements(gate):
+    if backend == "reference":
         return _dense(*ref.swiglu_bwd_ref(dout, gate, up))
     f = gate.shape[-1]
     dg, du = _kernel_module("swiglu").swiglu_bwd(dout.reshape(-1, f).to(gate.dtype), gate.reshape(-1, f),
@@ -463,7 +461,7 @@ def swiglu(gate: Tensor, up: Tensor) -> Tensor:
 def _flash_attention_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool,
                          softmax_scale: float) -> tuple[Tensor, Tensor]:
     backend = _active("flash_attention", (q, k, v))
-    if backend == "reference" or _no_elements(q):
+    if backend == "reference":
         return _dense(*ref.flash_attention_ref(q, k, v, causal, softmax_scale))
     return _dense(*_kernel_module("attention").flash_attention_fwd(q, k, v, causal, softmax_scale))
 
@@ -478,7 +476,7 @@ def _(q, k, v, causal, softmax_scale):
 def _flash_attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                          causal: bool, softmax_scale: float) -> tuple[Tensor, Tensor, Tensor]:
     backend = _active("flash_attention_bwd", (dout, q, k, v))
-    if backend == "reference" or _no_elements(q):
+    if backend == "reference":
         return _dense(*ref.flash_attention_bwd_ref(dout, q, k, v, out, lse, causal, softmax_scale))
     return _dense(*_kernel_module("attention").flash_attention_bwd(q, k, v, out, dout.to(q.dtype), lse, causal,
                                                                    softmax_scale))
