@@ -45,16 +45,14 @@ _T_BYTES = 24 * 1024   # per-partition ring of cos / sin / s' chunks
 _PR_BYTES = 24 * 1024  # per-partition ring of the two products of one head
 _PSUM_F = 512          # fp32 elements of one PSUM bank per partition
 _NBANK = 4             # PSUM banks cycled by the identity-matmul sums
-# Chunk plan: (positions per partition, heads per load DMA, heads per store DMA) of each chunk.
-PLAN_OVERRIDE = None
 
 
 def _plan(T, nheads):
     """[(j0, n, heads per load, heads per store)] covering positions 0..T-1 per partition."""
-    plan = PLAN_OVERRIDE
-    if plan is None and T < 32:
+    # a chunk: (positions per partition, heads per load DMA, heads per store DMA)
+    if T < 32:
         plan = [(T, 1, 1)]
-    elif plan is None:
+    else:
         # tuned at 7B (T = 32) in the cost model: small first chunks start VectorE early, a small last chunk
         # keeps the final store short, the middle reloads at most 12 positions of 4 heads per DMA
         rest = T - 21
