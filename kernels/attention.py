@@ -60,8 +60,9 @@ from kernels.nki_compat import nki, nl, nisa
 
 MAX_HEAD_DIM = 128
 # Longest sequence per dtype: the kv head's K/V (forward) or K, K^T, V^T and fp32 dK/dV (backward) stay in
-# SBUF; at these lengths (D = 128) the interpreter measures backward peaks of 124 KiB (bf16) and 100 KiB
-# (fp32) of trn1's 176 KiB per partition; twice the length would not fit.
+# SBUF; at these lengths (D = 128, causal) the interpreter measures SBUF peaks per partition of 143 KiB forward
+# and 156 KiB backward (bf16), 162 KiB and 160 KiB (fp32) of trn1's 176 KiB; tests/test_kernel_attention.py::
+# test_longest_supported_sequence_fits_trn1 runs both at these lengths.
 MAX_SEQ = {"bfloat16": 8192, "float32": 4096}
 
 _P = 128                 # partitions (nl.tile_size.pmax)

@@ -96,17 +96,21 @@ def test_fwd_bwd_match_float64(b, heads, s, d, dtype, causal, scale, seed):
 
 
 def launch_counts(q, k, v, do, causal):
-    """Keys multiplied by the score matmuls (sum of their moving free sizes) and masked sub-blocks, per direction."""
-    out = {}
+    """Per direction and score pass: (query, key) pairs the score matmuls compute (stationary free size times
+    moving free size, whichever side holds the keys) and the masked diagonal sub-blocks of that pass."""
     with trace.record() as tr:
         o, lse = attention.flash_attention_fwd(q, k, v, causal)
     fwd = tr.instructions
     with trace.record() as tr:
         attention.flash_attention_bwd(q, k, v, o, do, lse, causal)
+    passes = {"fwd": (("scores", "causal_mask"), ("scores_t", "causal_mask_p")),
+              "bwd": (("scores", "causal_mask"),)}
+    out = {}
     for direction, instrs in (("fwd", fwd), ("bwd", tr.instructions)):
-        keys = sum(ins.operand("moving").shape[-1] for ins in instrs if ins.name == "scores")
-        masks = sum(1 for ins in instrs if ins.name == "causal_mask")
-        out[direction] = (keys, masks)
+        for matmul, mask in passes[direction]:
+            pairs = sum(ins.operand("stationary").shape[-1] * ins.operand("moving").shape[-1]
+                        for ins in instrs if ins.name == matmul)
+            out[direction, matmul] = (pairs, sum(1 for ins in instrs if ins.name == mask))
     return out
 
 
@@ -117,10 +121,12 @@ def test_causal_blocks_above_the_diagonal_are_skipped(causal):
     b, hq, hkv, s, d = 1, 2, 1, 1100, 32
     q, k, v, do = make_inputs(b, hq, hkv, s, d, torch.bfloat16, 5)
     tiles = [(q0, min(128, s - q0)) for q0 in range(0, s, 128)]
-    want_keys = b * hq * (sum(q0 + rows for q0, rows in tiles) if causal else len(tiles) * s)
+    want_pairs = b * hq * (sum(rows * (q0 + rows) for q0, rows in tiles) if causal else s * s)
     want_masks = b * hq * len(tiles) if causal else 0
+    want = (want_pairs, want_masks)
     got = launch_counts(q, k, v, do, causal)
-    assert got == {"fwd": (want_keys, want_masks), "bwd": (want_keys, want_masks)}
+    # both forward passes (query-major row max, key-major exp) and the backward's scores
+    assert got == {("fwd", "scores"): want, ("fwd", "scores_t"): want, ("bwd", "scores"): want}
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
