@@ -16,23 +16,33 @@ Computation: with a signed sine table s' (forward [sin2 | -sin1], backward [-sin
     out = cast(p + swap_halves(r))                          TensorE identity matmuls accumulating p and
                                                             the two halves of r (moving views) in fp32
                                                             PSUM; ScalarE evicts PSUM to the output tile
+except for one position per partition in every 16 (a "slot", _slot_steps), whose products ScalarE computes:
+ScalarE multiplies only by a per-partition scale, so the slot is transposed to [D, heads, 128 positions]
+(TensorE), where cos and s' of one position are [D, 1] columns: two activations per position, each over
+the heads only (N = 8..10 < MIN_II, so 64 cycles: ~6x less efficient than VectorE per product, but ScalarE
+has the spare time); TensorE transposes the products back, adding them as above.
 Numerics (casting order): the two products are rounded to the input dtype, then summed in fp32 and rounded
-once more: exactly where PyTorch in bf16 rounds (x * cos, rotate_half(x) * sin, their sum); the negation
-and the half swap are exact. For fp32 inputs every value is fp32 (fp32 matmuls).
+once more: exactly where PyTorch in bf16 rounds (x * cos, rotate_half(x) * sin, their sum); the negation,
+the half swap and the transposes are exact. For fp32 inputs every value is fp32 (fp32 matmuls).
 
 Layout: q [B, Hq, S, D], k [B, Hkv, S, D], cos/sin [B, S, D]. The first S0 = 128 * (S // 128) positions
 of a head are read as [128, S // 128, D] (partition p holds positions p * T .. p * T + T - 1, contiguous
-in HBM), in the chunks of _plan (at T >= 32: 2, 5 and 12 positions first, per-head loads, so that VectorE
-starts after a 64 KiB load; then up to 12 positions of 4 heads per load DMA; a last 2-position chunk with
-per-head stores so that the final store is short); the S - S0 leftover positions are one [r, 1, D] block.
-Loads, outputs, tables and products live in byte rings (small chunks pack densely, so loads run ahead).
-Per (b, chunk) cos/sin are loaded once and reused for all q and k heads: minimum HBM bytes.
-Why not faster (cost model): the two products are 2 x S x D x (Hq + Hkv) / 128 VectorE cycles per batch
-row at 1.12 GHz (bf16 fast path, N cycles each): 58.5 us at Llama 2 7B per rank against an HBM floor of
-46.0 us. GpSimd shares VectorE's SBUF port; ScalarE and TensorE multiply only by per-partition scalars.
-The first product waits for a load and the last store follows the last product, each >= 1.3 us issue
-latency + 0.21 us packet setup, so even a perfect pipeline takes >= 61.5 us = 74.8% of the roofline
-(< 75%). The 3-product (Gauss) rotation needs equal table halves and failed the 2x criterion in bf16.
+in HBM), in the chunks of _plan (at T >= 32: 2 positions with 1-head first loads, so that VectorE starts
+after a 64 KiB load; 5; chunks of <= 12 positions with up to 5 heads per DMA; a 3-position last chunk with
+small stores so that the stores left after the last product are short); the S - S0 leftover positions are
+one [r, 1, D] block. Loads, outputs, tables and products live in byte rings (loads run ahead); a chunk's
+cos/sin/s' are built while the previous chunk runs. cos/sin are loaded once per (b, chunk) for all q and k
+heads: minimum HBM bytes.
+Why not faster (cost model, Llama 2 7B per rank, HBM floor 46.0 us): with VectorE alone the two products
+take 2 x S x D x (Hq + Hkv) / 128 cycles at 1.12 GHz = 58.5 us, plus >= 1.3 us DMA issue latency before the
+first product and after the last: <= 74.8% of the roofline. GpSimd shares VectorE's SBUF port (and is
+slower), TensorE multiplies only by per-partition scalars. The slots move 2 of 32 positions to ScalarE:
+VectorE 55.0 us, ScalarE 49.7 us (evictions 23.4 + s' 2.9 + 2 slots x 11.7); a third slot would make ScalarE
+(62 us) the bound. DMA queue time is 46.0 us + 0.21 us setup per DMA (40 DMAs: 54.5 us), so VectorE and DMA
+are both ~55 us: with the first product at >= 2.0 us and the last store >= 1.8 us after the last product,
+the cap of this design is ~58.8 us = 78%; the model gives 61.9 us = 74.4% (the DMA queues, filled in
+readiness order, let loads run ahead and leave the last stores queued: a 3.2 us tail). The 3-product (Gauss)
+rotation needs equal table halves and failed the 2x criterion in bf16.
 """
 from __future__ import annotations
 
@@ -41,57 +51,107 @@ from kernels.nki_compat import nki, nl, nisa
 MAX_HEAD_DIM = 128
 _X_BYTES = 48 * 1024   # per-partition ring of loaded head groups (byte ring: small chunks pack densely)
 _O_BYTES = 48 * 1024   # per-partition ring of rotated head groups awaiting their store
-_T_BYTES = 24 * 1024   # per-partition ring of cos / sin / s' chunks
+_T_BYTES = 36 * 1024   # per-partition rings of cos / sin / s' chunks (a third each)
 _PR_BYTES = 24 * 1024  # per-partition ring of the two products of one head
 _PSUM_F = 512          # fp32 elements of one PSUM bank per partition
 _NBANK = 4             # PSUM banks cycled by the identity-matmul sums
 
 
-def _plan(T, nheads):
-    """[(j0, n, heads per load, heads per store)] covering positions 0..T-1 per partition."""
-    # a chunk: (positions per partition, heads per load DMA, heads per store DMA)
+# Plan at T >= 32 positions per partition, tuned at Llama 2 7B/13B/70B (T = 32) in the cost model: a 2-position
+# first chunk with small first loads (1 head, then 3, then 4) starts VectorE ~2 us in; a 5-position chunk and
+# chunks of <= 12 positions with up to 5 heads per DMA (fewer, larger DMAs: each costs ~0.21 us of queue time);
+# the last middle chunk stores its heads 4 then 1 at a time and a 3-position last chunk 4, 2, 1, 1 at a time, so
+# that the stores left after the last product are short. One ScalarE slot per 16 positions (chunk 1 on).
+_FIRST, _SECOND = (2, (1, 3, 4)), 5   # (positions, heads per load DMA); positions
+_LAST_MID_STORES = (4, 1)
+_LAST = (3, (4, 2, 1, 1))
+_MID_MAX, _GROUP = 12, 5
+_SLOT_EVERY = 16
+_SLOT_MAX_HEADS = 12   # xT of one slot: heads x 128 fp32 per partition in <= 3 PSUM banks
+# ScalarE time one rotated head leaves free: VectorE 2 n D / 1.12 GHz minus its eviction n D / 1.4 GHz, in slot
+# steps of 2 x 64 ScalarE cycles: n D / 85.3 steps for n positions.
+_SLOT_DIV = 85
+
+
+def _plan(T, nheads, row_bytes):
+    """[(j0, n, load group sizes, store group sizes, slot)] covering positions 0..T-1 per partition; slot: the
+    chunk's last position goes through the ScalarE path (_slot_steps) instead of VectorE. row_bytes: one
+    position of one head or table per partition (D x itemsize)."""
+    cap = max(1, _T_BYTES // 3 // (3 * row_bytes))    # three chunks' tables per ring: current, held, prefetch
     if T < 32:
-        plan = [(T, 1, 1)]
+        k = -(-T // cap)
+        plan = [(T // k + (i < T % k), (1,), (1,), False) for i in range(k)]
     else:
-        # tuned at 7B (T = 32) in the cost model: small first chunks start VectorE early, a small last chunk
-        # keeps the final store short, the middle reloads at most 12 positions of 4 heads per DMA
-        rest = T - 21
-        k = -(-rest // 12)
-        plan = [(2, 1, 1), (5, 1, 1), (12, 2, 2)] + [(rest // k + (i < rest % k), 4, 1) for i in range(k)] \
-            + [(2, 4, 1)]
+        (n0, l0), n1 = _FIRST, _SECOND
+        rest = T - n0 - n1 - _LAST[0]
+        k = -(-rest // min(_MID_MAX, cap))
+        slots = T // _SLOT_EVERY if nheads <= _SLOT_MAX_HEADS and row_bytes <= 256 else 0
+        plan = [(n0, l0, _GROUP, False), (n1, _GROUP, _GROUP, slots > 0)] + [
+            (rest // k + (i < rest % k), _GROUP, _GROUP if i < k - 1 else _LAST_MID_STORES, i < slots - 1)
+            for i in range(k)] + [(_LAST[0], _GROUP, _LAST[1], False)]
     out, j = [], 0
-    for n, gl, gs in plan:
-        out.append((j, n, max(1, min(gl, nheads)), max(1, min(gs, nheads))))
+    for n, gl, gs, slot in plan:
+        out.append((j, n, gl, gs, slot))
         j += n
     assert j == T, (plan, T)
     return out
 
 
 def _take(ring, size):
-    """Next free [start, start + size) of a byte ring [offset, capacity]: wraps to 0 when the rest is short."""
-    a = ring[0] if ring[0] + size <= ring[1] else 0
+    """Next free [start, start + size) of a byte ring [offset, capacity, held regions]: wraps to 0 when the rest
+    is short and skips held regions (tiles whose last use is still to come in program order)."""
+    a, wraps = ring[0], 0
+    while True:
+        if a + size > ring[1]:
+            a, wraps = 0, wraps + 1
+            assert wraps < 3, "rope ring overrun: plan chunks too big for the held tiles"
+        hit = [e for s, e, _ in ring[2] if a < e and s < a + size]
+        if not hit:
+            break
+        a = max(hit)
     ring[0] = a + size
     return a
 
 
-def _region(buf, ring, rows, shape):
-    """A [rows, *shape] view of the next free part of the ring buffer buf [P, capacity]."""
+def _region(buf, ring, rows, shape, hold=None):
+    """A [rows, *shape] view of the next free part of the ring buffer buf [P, capacity]; hold: a tag that keeps
+    it from reuse until _release(ring, tag)."""
     n = 1
     for s in shape:
         n *= s
     a = _take(ring, n)
+    if hold is not None:
+        ring[2].append((a, a + n, hold))
     return buf[0:rows, a:a + n].reshape((rows,) + tuple(shape))
 
 
-def _groups(heads, g):
-    """Runs of up to g consecutive heads of one tensor: [(src, dst, first head, count)]."""
-    out = []
-    for src, dst, h in heads:
-        if out and out[-1][0] is src and out[-1][3] < g:
-            s, d, h0, c = out[-1]
-            out[-1] = (s, d, h0, c + 1)
-        else:
-            out.append((src, dst, h, 1))
+def _head_groups(tensors, sizes):
+    """[(tensor index, first head, count)]: the heads of all tensors in order, in groups of sizes[0], sizes[1],
+    ... (the last repeats), or for an int each tensor's heads in even groups of at most that many; a group
+    never spans two tensors."""
+    out, i = [], 0
+    for t, (src, _) in enumerate(tensors):
+        nh, h = src.shape[1], 0
+        even = -(-nh // -(-nh // sizes)) if isinstance(sizes, int) else None
+        while h < nh:
+            g = min(even or sizes[min(i, len(sizes) - 1)], nh - h)
+            out.append((t, h, g))
+            h, i = h + g, i + 1
+    return out
+
+
+def _release(ring, tag):
+    """Let the ring reuse the regions held under tag."""
+    ring[2][:] = [r for r in ring[2] if r[2] is not tag]
+
+
+def _groups(nh, sizes):
+    """[(first head, count)] covering heads 0..nh-1 in groups of sizes[0], sizes[1], ... (the last repeats)."""
+    out, h, i = [], 0, 0
+    while h < nh:
+        g = min(sizes[min(i, len(sizes) - 1)], nh - h)
+        out.append((h, g))
+        h, i = h + g, i + 1
     return out
 
 
@@ -116,41 +176,167 @@ def _identity(P, dt):
     return ident
 
 
-def _blocks(S, P, nheads):
-    """(position offset, rows, positions per partition T, chunk start, chunk length, heads per DMA)."""
+def _blocks(S, P, nheads, row_bytes):
+    """(position offset, rows, positions per partition T, chunk start, chunk length, load groups, store groups,
+    slot)."""
     T = S // P
-    out = [(0, P, T, j0, n, gl, gs) for j0, n, gl, gs in _plan(T, nheads)] if T else []
+    out = [(0, P, T) + c for c in _plan(T, nheads, row_bytes)] if T else []
     if S - T * P:
-        out.append((T * P, S - T * P, 1, 0, 1, 1, 1))
+        out.append((T * P, S - T * P, 1, 0, 1, (1,), (1,), False))
     return out
 
 
-def _rotate(ident, x_t, cos_t, sp_t, p_t, r_t, o_t, banks, bank, rows, nt, D):
+def _bank(st, rows, n, D):
+    """[rows, n, D] fp32 view of the next PSUM bank (st: the kernel state dict)."""
+    b = st["banks"][st["bank"] % _NBANK]
+    st["bank"] += 1
+    return b[:, 0:n * D].reshape((b.shape[0], n, D))[0:rows]
+
+
+def _rotate(st, x_t, cos_t, sp_t, p_t, r_t, o_t, rows, nt, D):
     """o_t = cast(cast(x * cos) + swap_halves(cast(x * s'))): two VectorE products, TensorE sums, ScalarE
-    eviction. Returns the next PSUM bank counter."""
+    eviction."""
     half = D // 2
+    idn = st["ident"][0:rows, 0:rows]
     pb = max(1, _PSUM_F // D)                 # positions per PSUM bank
     nisa.tensor_tensor(dst=p_t, data1=x_t, data2=cos_t, op=nl.multiply)
     nisa.tensor_tensor(dst=r_t, data1=x_t, data2=sp_t, op=nl.multiply)
-    idn = ident[0:rows, 0:rows]
     for j in range(0, nt, pb):
         n = min(pb, nt - j)
-        ps = banks[bank % _NBANK][:, 0:pb * D].reshape((ident.shape[0], pb, D))[0:rows, 0:n, :]
-        bank += 1
+        ps = _bank(st, rows, n, D)
         nisa.nc_matmul(dst=ps, stationary=idn, moving=p_t[:, j:j + n, :], accumulate=False)
         nisa.nc_matmul(dst=ps[:, :, 0:half], stationary=idn, moving=r_t[:, j:j + n, half:D], accumulate=True)
         nisa.nc_matmul(dst=ps[:, :, half:D], stationary=idn, moving=r_t[:, j:j + n, 0:half], accumulate=True)
         nisa.activation(dst=o_t[:, j:j + n, :], op=nl.copy, data=ps)
-    return bank
+
+
+def _slot_steps(st, xh, cos_t, sp_t, block, b, tag):
+    """ScalarE path for the last position j = nt - 1 of a chunk (all heads), as a generator: it yields after
+    each step (one partition's position) so that its tiny ScalarE instructions interleave with the VectorE
+    path of the following heads, and ends with one store per tensor. xh: the heads' [rows, nt, D] tiles.
+
+    ScalarE multiplies only by a per-partition scale, so the position is transposed (TensorE identity matmuls)
+    to [D, heads, rows]: there one (position, d) pair is one partition row of one instruction and cos / s' are
+    [D, 1] columns. Per position two activations (x * cos, x * s', rounded to the input dtype as on VectorE),
+    then TensorE transposes back and adds p + swap_halves(r) in fp32 PSUM; ScalarE evicts. Same casting order
+    as _rotate."""
+    s0, rows, T, j0, nt = block[:5]
+    D, ident = st["D"], st["ident"]
+    half, j, nh = D // 2, nt - 1, len(xh)
+    idn = ident[0:rows, 0:rows]
+    xT, tT = st["xT"][0:D, 0:nh * rows].reshape((D, nh, rows)), st["tT"]
+    pT = st["pT"][0:D, 0:nh * rows].reshape((D, nh, rows))
+    rT = st["rT"][0:D, 0:nh * rows].reshape((D, nh, rows))
+    nisa.nc_matmul(dst=tT[0:D, 0:rows], stationary=cos_t[:, j, :], moving=idn, accumulate=False)
+    nisa.nc_matmul(dst=tT[0:D, rows:2 * rows], stationary=sp_t[:, j, :], moving=idn, accumulate=False)
+    for k, x in enumerate(xh):
+        nisa.nc_matmul(dst=xT[:, k, :], stationary=x[:, j, :], moving=idn, accumulate=False)
+    for ring in ("xr", "crr", "trr"):         # the loaded tiles are consumed (program order)
+        _release(st[ring], tag)
+    yield
+    for p in range(rows):
+        nisa.activation(dst=pT[:, :, p], op=nl.copy, data=xT[:, :, p], scale=tT[0:D, p:p + 1])
+        nisa.activation(dst=rT[:, :, p], op=nl.copy, data=xT[:, :, p], scale=tT[0:D, rows + p:rows + p + 1])
+        yield
+    idd, k = ident[0:D, 0:D], 0
+    for src, dst in st["tensors"]:
+        o = _region(st["o_buf"], st["orr"], rows, (src.shape[1], 1, D))
+        for h0, g in _groups(src.shape[1], (max(1, _PSUM_F // D),)):
+            ps = _bank(st, rows, g, D)
+            for i in range(g):
+                nisa.nc_matmul(dst=ps[:, i, :], stationary=pT[:, k, :], moving=idd, accumulate=False)
+                nisa.nc_matmul(dst=ps[:, i, 0:half], stationary=rT[:, k, :], moving=idd[:, half:D],
+                               accumulate=True)
+                nisa.nc_matmul(dst=ps[:, i, half:D], stationary=rT[:, k, :], moving=idd[:, 0:half],
+                               accumulate=True)
+                k += 1
+            nisa.activation(dst=o[:, h0:h0 + g, 0, :], op=nl.copy, data=ps)
+            yield
+        nisa.dma_copy(dst=_view(dst[b], s0, rows, T, j0 + j, 1, 0, src.shape[1]), src=o)
+
+
+def _advance(st, steps):
+    """Run the queued ScalarE slots, one after the other, for ``steps`` steps (None: all to their end)."""
+    q = st["pending"]
+    n = 0
+    while q and (steps is None or n < steps):
+        if next(q[0], StopIteration) is StopIteration:
+            q.pop(0)
+        n += 1
+
+
+def _tables(st, b, block, tag, first_load=None):
+    """Load the cos and sin of a chunk and build s' (ScalarE); returns (cos tile, s' tile, tag). first_load:
+    emits the chunk's first x load between cos and sin (the first product needs x and cos only)."""
+    s0, rows, T, j0, nt = block[:5]
+    D, half = st["D"], st["D"] // 2
+    cos_t = _region(st["c_buf"], st["crr"], rows, (nt, D), hold=tag)
+    sin_t = _region(st["s_buf"], st["srr"], rows, (nt, D))
+    sp = _region(st["t_buf"], st["trr"], rows, (nt, D), hold=tag)
+    nisa.dma_copy(dst=cos_t, src=_tview(st["cos"][b], s0, rows, T, j0, nt))
+    if first_load is not None:
+        first_load()
+    nisa.dma_copy(dst=sin_t, src=_tview(st["sin"][b], s0, rows, T, j0, nt))
+    for (src0, sign), d0 in st["s_halves"]:
+        nisa.activation(dst=sp[:, :, d0:d0 + half], op=nl.copy, data=sin_t[:, :, src0:src0 + half], scale=sign)
+    return cos_t, sp, tag
+
+
+def _chunk(st, b, block, nxt):
+    """One chunk of positions for every head: loads, rotation (VectorE path; ScalarE slot), stores. A load
+    group is loaded just before its heads are rotated and a store group stored right after, except that with
+    a slot all loads come first (the slot transposes every head): the tiles are then held in the rings until
+    the slot has read them (_take skips held tiles). nxt: the next (b, block), whose tables are prefetched."""
+    s0, rows, T, j0, nt, gl, gs, slot = block
+    D, tensors = st["D"], st["tensors"]
+    xh, loads = {}, _head_groups(tensors, gl)
+
+    def load(t, h0, g):
+        x = _region(st["x_buf"], st["xr"], rows, (g, nt, D), hold=tag if slot else None)
+        nisa.dma_copy(dst=x, src=_view(tensors[t][0][b], s0, rows, T, j0, nt, h0, g))
+        for i in range(g):
+            xh[(t, h0 + i)] = x[:, i]
+
+    if st["tables"]:                          # prefetched by the previous chunk
+        cos_t, sp, tag = st["tables"].pop(0)
+        load(*loads[0])
+    else:
+        tag = []                              # holds the tables (and a slot's x tiles) until their last use
+        cos_t, sp, tag = _tables(st, b, block, tag, lambda: load(*loads[0]))
+    if nxt is None:
+        _advance(st, None)                    # no slot left over behind the final store
+    nv = nt - 1 if slot else nt               # positions on the VectorE path
+    if slot:
+        for lg in loads[1:]:
+            load(*lg)
+        order = [(t, h0 + i) for t, h0, g in loads for i in range(g)]
+        st["pending"].append(_slot_steps(st, [xh[k] for k in order], cos_t, sp, block, b, tag))
+    rate = nv * D // _SLOT_DIV                # slot steps per rotated head
+    for t, h0, g in _head_groups(tensors, gs):
+        o = _region(st["o_buf"], st["orr"], rows, (g, nv, D))
+        for i in range(g):
+            if (t, h0 + i) not in xh:
+                load(*next(lg for lg in loads if lg[0] == t and lg[1] <= h0 + i < lg[1] + lg[2]))
+            p_t = _region(st["pr_buf"], st["prr"], rows, (nv, D))
+            r_t = _region(st["pr_buf"], st["prr"], rows, (nv, D))
+            _rotate(st, xh[(t, h0 + i)][:, 0:nv], cos_t[:, 0:nv], sp[:, 0:nv], p_t, r_t, o[:, i], rows, nv, D)
+            _advance(st, rate)
+            if nxt is not None and not st["tables"]:
+                # the next chunk's s' enters ScalarE's in-order queue now, ahead of this chunk's later
+                # evictions and slot steps, so that the next chunk's first x * s' does not wait behind them
+                st["tables"].append(_tables(st, nxt[0], nxt[1], []))
+        nisa.dma_copy(dst=_view(tensors[t][1][b], s0, rows, T, j0, nv, h0, g), src=o)
+    if not slot:                              # (a slot releases them once it has transposed its position)
+        for ring in ("crr", "trr"):
+            _release(st[ring], tag)
 
 
 @nki.jit
 def rope_kernel(q, k, cos, sin, inverse=False):
     """Rotate q and k (forward) or their gradients (inverse=True); returns (q_out, k_out) in q.dtype.
 
-    SBUF per partition (7B plan: chunks <= 12 positions, 4 heads per DMA, bf16): x and out rings
-    2 x 3 x 4 x 12 x 256 B = 72 KiB, cos/sin/s' 3 x 2 x 3 KiB, p/r 2 x 3 x 3 KiB, identity -> ~109 KiB.
-    PSUM: _NBANK banks.
+    SBUF per partition: byte rings (x, out 48 KiB each, cos/sin/s' 24 KiB, products 24 KiB), identity and the
+    slot products (2 x heads x 256 B) -> <= 151 KiB. PSUM: _NBANK banks + slot transposes (<= 4 banks).
     """
     B, Hq, S, D = q.shape
     Hkv = k.shape[1]
@@ -160,46 +346,33 @@ def rope_kernel(q, k, cos, sin, inverse=False):
     f32 = nl.float32
     q_out = nl.ndarray(q.shape, dtype=dt, buffer=nl.shared_hbm)
     k_out = nl.ndarray(k.shape, dtype=dt, buffer=nl.shared_hbm)
-    heads = [(q, q_out, h) for h in range(Hq)] + [(k, k_out, h) for h in range(Hkv)]
-    ident = _identity(P, dt)
-    blocks = _blocks(S, P, max(Hq, Hkv))
     it = dt.itemsize
-    x_buf = nl.ndarray((P, _X_BYTES // it), dtype=dt, buffer=nl.sbuf)
-    o_buf = nl.ndarray((P, _O_BYTES // it), dtype=dt, buffer=nl.sbuf)
-    t_buf = nl.ndarray((P, _T_BYTES // 3 // it), dtype=dt, buffer=nl.sbuf)
-    c_buf = nl.ndarray((P, _T_BYTES // 3 // cos.dtype.itemsize), dtype=cos.dtype, buffer=nl.sbuf)
-    s_buf = nl.ndarray((P, _T_BYTES // 3 // sin.dtype.itemsize), dtype=sin.dtype, buffer=nl.sbuf)
-    pr_buf = nl.ndarray((P, _PR_BYTES // it), dtype=dt, buffer=nl.sbuf)
-    xr, orr, prr = [0, _X_BYTES // it], [0, _O_BYTES // it], [0, _PR_BYTES // it]
-    trr = [0, _T_BYTES // 3 // it]
-    crr = [0, _T_BYTES // 3 // cos.dtype.itemsize]
-    srr = [0, _T_BYTES // 3 // sin.dtype.itemsize]
-    banks = [nl.ndarray((P, _PSUM_F), dtype=f32, buffer=nl.psum) for _ in range(_NBANK)]
+    ct, sit = cos.dtype.itemsize, sin.dtype.itemsize
+    blocks = _blocks(S, P, Hq + Hkv, D * max(it, ct, sit))
+    st = dict(D=D, dt=dt, cos=cos, sin=sin, tensors=((q, q_out), (k, k_out)), ident=_identity(P, dt), bank=0,
+              pending=[], tables=[],
+              x_buf=nl.ndarray((P, _X_BYTES // it), dtype=dt, buffer=nl.sbuf), xr=[0, _X_BYTES // it, []],
+              o_buf=nl.ndarray((P, _O_BYTES // it), dtype=dt, buffer=nl.sbuf), orr=[0, _O_BYTES // it, []],
+              t_buf=nl.ndarray((P, _T_BYTES // 3 // it), dtype=dt, buffer=nl.sbuf), trr=[0, _T_BYTES // 3 // it, []],
+              c_buf=nl.ndarray((P, _T_BYTES // 3 // ct), dtype=cos.dtype, buffer=nl.sbuf),
+              crr=[0, _T_BYTES // 3 // ct, []],
+              s_buf=nl.ndarray((P, _T_BYTES // 3 // sit), dtype=sin.dtype, buffer=nl.sbuf),
+              srr=[0, _T_BYTES // 3 // sit, []],
+              pr_buf=nl.ndarray((P, _PR_BYTES // it), dtype=dt, buffer=nl.sbuf), prr=[0, _PR_BYTES // it, []],
+              banks=[nl.ndarray((P, _PSUM_F), dtype=f32, buffer=nl.psum) for _ in range(_NBANK)])
+    if any(blk[-1] for blk in blocks):
+        nh = Hq + Hkv
+        st.update(xT=nl.ndarray((P, nh * P), dtype=f32, buffer=nl.psum),
+                  tT=nl.ndarray((P, 2 * P), dtype=f32, buffer=nl.psum),
+                  pT=nl.ndarray((P, nh * P), dtype=dt, buffer=nl.sbuf),
+                  rT=nl.ndarray((P, nh * P), dtype=dt, buffer=nl.sbuf))
     # s' = [sin2 | -sin1] (forward) or [-sin1 | sin2] (backward): (source half, sign) per destination half.
     s_lo, s_hi = ((0, -1.0), (half, 1.0)) if inverse else ((half, 1.0), (0, -1.0))
-    bank = 0
-    for b in range(B):
-        for s0, rows, T, j0, nt, gl, gs in blocks:
-            cos_t = _region(c_buf, crr, rows, (nt, D))
-            sin_t = _region(s_buf, srr, rows, (nt, D))
-            sp = _region(t_buf, trr, rows, (nt, D))
-            nisa.dma_copy(dst=cos_t, src=_tview(cos[b], s0, rows, T, j0, nt))
-            nisa.dma_copy(dst=sin_t, src=_tview(sin[b], s0, rows, T, j0, nt))
-            for (src0, sign), d0 in ((s_lo, 0), (s_hi, half)):
-                nisa.activation(dst=sp[:, :, d0:d0 + half], op=nl.copy, data=sin_t[:, :, src0:src0 + half],
-                                scale=sign)
-            for src, dst, h0, nh in _groups(heads, gl):
-                x_g = _region(x_buf, xr, rows, (nh, nt, D))
-                nisa.dma_copy(dst=x_g, src=_view(src[b], s0, rows, T, j0, nt, h0, nh))
-                for i0 in range(0, nh, gs):
-                    ns = min(gs, nh - i0)
-                    o_g = _region(o_buf, orr, rows, (ns, nt, D))
-                    for i in range(ns):
-                        p_t = _region(pr_buf, prr, rows, (nt, D))
-                        r_t = _region(pr_buf, prr, rows, (nt, D))
-                        bank = _rotate(ident, x_g[:, i0 + i], cos_t, sp, p_t, r_t, o_g[:, i], banks, bank, rows,
-                                       nt, D)
-                    nisa.dma_copy(dst=_view(dst[b], s0, rows, T, j0, nt, h0 + i0, ns), src=o_g)
+    st["s_halves"] = ((s_lo, 0), (s_hi, half))
+    work = [(b, block) for b in range(B) for block in blocks]
+    for n, (b, block) in enumerate(work):
+        _chunk(st, b, block, work[n + 1] if n + 1 < len(work) else None)
+    _advance(st, None)
     return q_out, k_out
 
 

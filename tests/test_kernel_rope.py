@@ -100,6 +100,16 @@ def test_llama_per_rank_shapes_pass_trn1_checks(hq, hkv):
     check_all(q, k, cos, sin, dq_up, dk_up, (q_rot, k_rot, dq, dk), f"{hq}/{hkv} heads ")
 
 
+def test_scalar_slots_with_batches_leftover_and_arbitrary_tables():
+    """The ScalarE slot path (S // 128 >= 32 positions per partition) across two batch rows, with a leftover
+    partial block (S % 128 = 37) and arbitrary tables (sin halves differ, so the backward's transposed
+    rotation is tested on the slot path too)."""
+    q, k, cos, sin, dq_up, dk_up = make_inputs(2, 4, 4, 4096 + 37, 128, torch.bfloat16, 7, False)
+    q_rot, k_rot = rope.rope_fwd(q, k, cos, sin)
+    dq, dk = rope.rope_bwd(dq_up, dk_up, cos, sin)
+    check_all(q, k, cos, sin, dq_up, dk_up, (q_rot, k_rot, dq, dk), "slots ")
+
+
 @pytest.mark.parametrize("bad", ["dtype", "head_dim_odd", "head_dim_big", "k_shape", "k_dtype", "table_shape"])
 def test_unsupported_inputs_raise_before_launch(bad):
     q, k, cos, sin, _, _ = make_inputs(1, 2, 1, 8, 16, torch.float32, 0, True)
