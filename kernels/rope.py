@@ -284,15 +284,20 @@ def _tables(st, b, block, tag, first_load=None):
 
 def _chunk(st, b, block, nxt):
     """One chunk of positions for every head: loads, rotation (VectorE path; ScalarE slot), stores. A load
-    group is loaded just before its heads are rotated and a store group stored right after, except that with
-    a slot all loads come first (the slot transposes every head): the tiles are then held in the rings until
-    the slot has read them (_take skips held tiles). nxt: the next (b, block), whose tables are prefetched."""
+    group is loaded just before its heads are rotated (or all first, see below) and a store group stored
+    right after. Tiles still to be read later in program order (tables; x when loaded first; a slot's) are
+    held in their rings until released (_take skips held tiles). nxt: the next (b, block), whose tables are
+    prefetched."""
     s0, rows, T, j0, nt, gl, gs, slot = block
     D, tensors = st["D"], st["tensors"]
     xh, loads = {}, _head_groups(tensors, gl)
+    # all loads first (their tiles held): a slot transposes every head; and in the first chunk the next
+    # chunk's table loads (prefetched after the first head) must not go ahead of this chunk's small x loads
+    nbytes = sum(g for _, _, g in loads) * nt * D * st["dt"].itemsize
+    eager = slot or (j0 == 0 and T >= 32 and nbytes <= _X_BYTES // 2)
 
     def load(t, h0, g):
-        x = _region(st["x_buf"], st["xr"], rows, (g, nt, D), hold=tag if slot else None)
+        x = _region(st["x_buf"], st["xr"], rows, (g, nt, D), hold=tag if eager else None)
         nisa.dma_copy(dst=x, src=_view(tensors[t][0][b], s0, rows, T, j0, nt, h0, g))
         for i in range(g):
             xh[(t, h0 + i)] = x[:, i]
@@ -306,9 +311,10 @@ def _chunk(st, b, block, nxt):
     if nxt is None:
         _advance(st, None)                    # no slot left over behind the final store
     nv = nt - 1 if slot else nt               # positions on the VectorE path
-    if slot:
+    if eager:
         for lg in loads[1:]:
             load(*lg)
+    if slot:
         order = [(t, h0 + i) for t, h0, g in loads for i in range(g)]
         st["pending"].append(_slot_steps(st, [xh[k] for k in order], cos_t, sp, block, b, tag))
     rate = nv * D // _SLOT_DIV                # slot steps per rotated head
@@ -327,7 +333,7 @@ def _chunk(st, b, block, nxt):
                 st["tables"].append(_tables(st, nxt[0], nxt[1], []))
         nisa.dma_copy(dst=_view(tensors[t][1][b], s0, rows, T, j0, nv, h0, g), src=o)
     if not slot:                              # (a slot releases them once it has transposed its position)
-        for ring in ("crr", "trr"):
+        for ring in ("xr", "crr", "trr"):
             _release(st[ring], tag)
 
 
