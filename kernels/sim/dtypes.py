@@ -117,6 +117,65 @@ def round_tf32(x):
     return np.where(finite, rounded, bits).view(np.float32)
 
 
+_U16, _U32 = np.dtype(np.uint16), np.dtype(np.uint32)
+
+
+def to_f32(a):
+    """float32 values of array ``a`` (a new array). bf16 widens by a 16-bit shift of its bits: bit-identical to
+    ml_dtypes' conversion (exact, NaN payloads kept; tests/test_sim_speed_paths.py checks all 2^16 values) and
+    about 3x faster on the hot path (every matmul and engine operand)."""
+    if a.dtype == bfloat16:
+        w = a.view(_U16).astype(_U32)
+        w <<= 16
+        return w.view(np.float32)
+    return a.astype(np.float32)
+
+
+def f32_to_bf16(v):
+    """bfloat16 of the float32 array ``v``, round-to-nearest-even on the bits: ``(u + 0x7FFF + bit16(u)) >> 16``
+    (finite values, denormals and overflow to Inf alike); NaN becomes ``sign | 0x7FC0`` (payload dropped). This is
+    ml_dtypes' conversion bit for bit (tests/test_sim_speed_paths.py: every pattern of the high 16 bits with the
+    rounding-relevant low halves, and all NaNs), about 2x faster and without its "invalid value" warning."""
+    if v.ndim == 0:                                 # ufuncs on 0-d arrays return scalars
+        return f32_to_bf16(v.reshape(1)).reshape(())
+    u = v.view(_U32)
+    t = u >> 16
+    t &= 1
+    t += u
+    t += 0x7FFF
+    t >>= 16
+    r = t.astype(_U16)
+    if v.size and np.isnan(v.max()):              # max propagates NaN: one cheap pass decides the fix-up
+        nan = np.isnan(v)
+        r[nan] = ((u[nan] >> 16) & 0x8000) | 0x7FC0
+    return r.view(bfloat16)
+
+
+def same_dtype_roundtrip(a):
+    """``cast(to_f32(a), a.dtype)`` for a float32 or bfloat16 array, as a new contiguous array of a's shape: the
+    values' own bits, except that a bf16 NaN becomes ``sign | 0x7FC0`` (what the fp32 -> bf16 conversion makes of
+    every NaN)."""
+    if a.dtype != bfloat16:
+        return np.array(a, dtype=a.dtype, copy=True)
+    if a.ndim == 0:
+        return same_dtype_roundtrip(a.reshape(1)).reshape(())
+    u = np.array(a.view(_U16), copy=True)
+    mag = u & 0x7FFF
+    if mag.max(initial=0) > 0x7F80:
+        nan = mag > 0x7F80
+        u[nan] = (u[nan] & 0x8000) | 0x7FC0
+    return u.view(bfloat16)
+
+
+def full(n, fill, dt):
+    """``np.full(n, fill, dt)``; bf16 is filled through its bit pattern (ml_dtypes' own fill converts element by
+    element, ~10x slower for a fresh tile)."""
+    if dt == bfloat16:
+        bits = np.array(fill, dt).view(_U16)
+        return np.full(n, bits, _U16).view(dt)
+    return np.full(n, fill, dtype=dt)
+
+
 def cast(values, dt):
     """Cast computed values (usually fp32) to storage dtype ``dt`` as the engines do on write:
     floats round to nearest-even; float->int rounds to nearest-even and saturates (NaN -> 0); same dtype is
@@ -135,4 +194,8 @@ def cast(values, dt):
         return v != 0
     if v.dtype.kind in "iub" and dt in _FLOATS and dt != float32:
         v = v.astype(np.float32)
+    if dt == float32:
+        return to_f32(v)
+    if dt == bfloat16 and v.dtype == float32:
+        return f32_to_bf16(v)
     return v.astype(dt)

@@ -44,13 +44,18 @@ def onchip(t, instr, role, allowed=ONCHIP, align=True):
     if p > PMAX:
         fail("partition.max", instr, role, f"partition dimension {p} of {list(shape)} exceeds {PMAX}", PMAX)
     fs = st.free_size * st.flat.itemsize // t._flat.itemsize
-    if p > 1 and t.strides[0] != fs:
-        fail("partition.stride", instr, role, f"strides over partitions by {t.strides[0]} elements; hardware does "
+    strides = t.strides
+    if p > 1 and strides[0] != fs:
+        fail("partition.stride", instr, role, f"strides over partitions by {strides[0]} elements; hardware does "
              f"not allow P dimension striding", fs)
-    for c, s in zip(shape[1:], t.strides[1:]):
+    n = 1
+    for k in range(1, len(shape)):
+        c = shape[k]
+        s = strides[k]
         if c > 65535 or not -32768 <= s <= 32767:
             fail("access_pattern.range", instr, role, f"free dims {list(shape[1:])} with strides "
-                 f"{list(t.strides[1:])} exceed the hardware access pattern (count uint16, stride int16 elements)")
+                 f"{list(strides[1:])} exceed the hardware access pattern (count uint16, stride int16 elements)")
+        n *= c
     start = t.offset // fs + st.base[0]
     if align:
         if p > 64:
@@ -64,9 +69,6 @@ def onchip(t, instr, role, allowed=ONCHIP, align=True):
         elif start & 31:
             fail("partition.start", instr, role, f"covers {p} partitions starting at {start}; up to 32 partitions "
                  f"must start at 0, 32, 64 or 96", "start multiple of 32")
-    n = 1
-    for s in shape[1:]:
-        n *= s
     return p, start, n
 
 
@@ -156,10 +158,15 @@ def rec(role, t, op=None):
 _new_tuple = tuple.__new__
 
 
+_NAME_OF = _dt._NAMES
+_HBM_SET = frozenset(HBM)
+
+
 def emit(engine, op, operands, name=None, alu=None):
     """Record an instruction; operands = [(role, tensor), ...] (None tensors skipped). Each Operand gets its
-    space, byte span (``span_of``) and access ("r"/"w"/"rw", kernels.sim.trace.access_of). HBM bytes: writes
-    for the written roles, reads for the others. ``alu``: the instruction's ALU op names (Instruction.alu)."""
+    space, byte span (``span_of``, inlined here: this runs for every operand of every instruction) and access
+    ("r"/"w"/"rw", kernels.sim.trace.access_of). HBM bytes: writes for the written roles, reads for the others.
+    ``alu``: the instruction's ALU op names (Instruction.alu)."""
     if not _active:
         return
     r = w = 0
@@ -173,9 +180,38 @@ def emit(engine, op, operands, name=None, alu=None):
         if rw_dst and role == "dst":
             acc = "rw"
         buf = st.buffer
-        nb = t.nbytes
-        recs.append(_new_tuple(Operand, (role, t.shape, _dt.name(t.dtype), buf, nb, st.space, span_of(t), acc)))
-        if buf in HBM:
+        dt = t.dtype
+        shape = t.shape
+        strides = t.strides
+        isz = t._flat.itemsize
+        off = t.offset
+        b0, b1 = st.base
+        nb = dt.itemsize
+        for c in shape:
+            nb *= c
+        if buf in ONCHIP:
+            fs = st.free_size * st.flat.itemsize // isz
+            p0 = off // fs
+            lo = hi = off - p0 * fs
+            k0 = 1
+        else:
+            lo = hi = off
+            k0 = 0
+        for k in range(k0, len(shape)):
+            c = shape[k]
+            if c > 1:
+                d = (c - 1) * strides[k]
+                if d > 0:
+                    hi += d
+                else:
+                    lo += d
+        span = (p0 + b0, shape[0], lo * isz + b1, (hi + 1) * isz + b1) if k0 else \
+            (0, 1, lo * isz + b1, (hi + 1) * isz + b1)
+        dn = _NAME_OF.get(id(dt))
+        if dn is None:
+            dn = _dt.name(dt)
+        recs.append(_new_tuple(Operand, (role, shape, dn, buf, nb, st.space, span, acc)))
+        if buf in _HBM_SET:
             if acc == "r":
                 r += nb
             else:

@@ -336,6 +336,30 @@ def dma_compute(dst, srcs, reduce_op, scales=None, unique_indices=True, oob_mode
 
 
 # ---------------------------------------------------------------------------------------------- Tensor engine
+def _disjoint(shape, strides):
+    """True when no two elements of a view with these element strides share memory (an in-place update is then
+    the same as a computed-then-assigned one)."""
+    span = 1
+    for c, st in sorted(((c, abs(st)) for c, st in zip(shape, strides) if c > 1), key=lambda x: x[1]):
+        if st < span:
+            return False
+        span += st * (c - 1)
+    return True
+
+
+def _rank1(s, mv):
+    """``np.matmul(s.T, mv)`` for a contraction of size 1 (s [1, M], mv [1, N] fp32): numpy computes each element
+    as ``0 + s[0, i] * mv[0, j]`` (through a slow generic loop for these shapes); the outer product plus +0.0 gives
+    the same bits (-0.0 products become +0.0, as in the matmul) ~5x faster. Operands holding a NaN go through
+    np.matmul (which NaN payload a NaN * NaN product keeps is not pinned down); None then.
+    tests/test_sim_speed_paths.py compares the two."""
+    if _np.isnan(s).any() or _np.isnan(mv).any():
+        return None
+    r = _np.multiply(s.reshape(-1, 1), mv)
+    r += _f32(0.0)
+    return r
+
+
 def nc_matmul(dst, stationary, moving, is_stationary_onezero=False, is_moving_onezero=False, is_transpose=False,
               accumulate=None, tile_position=(), tile_size=(), perf_mode=matmul_perf_mode.none, name=None):
     """dst[M, N] (PSUM, fp32) = stationary[K, M].T @ moving[K, N], accumulated in fp32.
@@ -389,19 +413,30 @@ def nc_matmul(dst, stationary, moving, is_stationary_onezero=False, is_moving_on
                  "64 or 128")
     s = stationary._f32().reshape(k, m)
     mv = moving._f32().reshape(k, n)
-    res = _np.matmul(s.T, mv).reshape(dst.shape)
+    res = _rank1(s, mv) if k == 1 else None
+    if res is None:
+        res = _np.matmul(s.T, mv)
+    res = res.reshape(dst.shape)
     flags = _mm_flags(dst)
     out = dst._v
+    # out += res is the same fp32 add as out[...] = out + res when no two elements of the view share memory
+    in_place = out.dtype == _f32 and _disjoint(dst.shape, dst.strides)
     if accumulate is True:
         if not flags.all():
             _fail("matmul.accumulate", I, "dst", "accumulate=True into PSUM elements not written by a matmul "
                  "(uninitialised or written by another engine): undefined on hardware")
-        out[...] = (out.astype(_f32) + res) if out.dtype != _f32 else out + res
+        if in_place:
+            out += res
+        else:
+            out[...] = (out.astype(_f32) + res) if out.dtype != _f32 else out + res
     elif accumulate is False:
         out[...] = _dt.cast(res, dst.dtype)
     else:
         if flags.all():
-            out[...] = _dt.cast(out.astype(_f32) + res, dst.dtype)
+            if in_place:
+                out += res
+            else:
+                out[...] = _dt.cast(out.astype(_f32) + res, dst.dtype)
         elif not flags.any():
             out[...] = _dt.cast(res, dst.dtype)
         else:
@@ -439,6 +474,12 @@ def nc_transpose(dst, data, engine=engine.unknown, name=None):
         _fail("transpose.shape", I, "dst", f"shape {list(dst.shape)} must be [{f}, {p}]")
     if dst.dtype == data.dtype and eng == "vector":
         dst._v[...] = data._v.reshape(p, f).T.reshape(dst.shape)
+        if dst._st.mm_written is not None:
+            _mm_flags(dst)[...] = False
+    elif dst.dtype == data.dtype and dst.dtype in (_dt.float32, _dt.bfloat16):
+        # the fp32 round trip of the general path as bits: fp32 -> fp32 is the identity; bf16 -> fp32 -> bf16 is
+        # too, except that a NaN comes back as sign | 0x7FC0 (tests/test_sim_speed_paths.py)
+        dst._v[...] = _dt.same_dtype_roundtrip(data._v.reshape(p, f).T).reshape(dst.shape)
         if dst._st.mm_written is not None:
             _mm_flags(dst)[...] = False
     else:
@@ -1024,6 +1065,11 @@ def iota(dst, pattern, offset=0, channel_multiplier=0, name=None):
     _emit("gpsimd", I, (("dst", dst),), name)
 
 
+# affine_select predicates by (pattern, offset, channel_multiplier, partitions, free size, cmp): a pure function of
+# the key (checked inputs: the same key passed _affine_values' checks before), reused by every causal-mask select
+_PRED_CACHE = {}
+
+
 def affine_select(dst, pattern, channel_multiplier, on_true_tile, on_false_value, cmp_op=_ops.BINARY["equal"],
                   offset=0, name=None):
     """dst = on_true_tile where cmp_op(a, 0) else on_false_value, a = offset + c*channel_multiplier +
@@ -1034,8 +1080,15 @@ def affine_select(dst, pattern, channel_multiplier, on_true_tile, on_false_value
     if isinstance(on_false_value, _NkiTensor) or not isinstance(on_false_value, (int, float, _np.floating,
                                                                                   _np.integer)):
         _fail("affine_select.on_false_value", I, "on_false_value", "must be an fp32 scalar")
-    a = _affine_values(I, pattern, offset, channel_multiplier, p, n)
-    pred = cmp.fn(a.astype(_np.float64), 0.0) != 0
+    key = (tuple((int(st), int(c)) for st, c in pattern), int(offset), int(channel_multiplier), p, n, cmp.name)
+    pred = _PRED_CACHE.get(key)
+    if pred is None:
+        a = _affine_values(I, pattern, offset, channel_multiplier, p, n)
+        pred = cmp.fn(a.astype(_np.float64), 0.0) != 0
+        pred.flags.writeable = False
+        if len(_PRED_CACHE) >= 64:
+            _PRED_CACHE.pop(next(iter(_PRED_CACHE)))
+        _PRED_CACHE[key] = pred
     if dst.dtype == on_true_tile.dtype:
         src = on_true_tile._v.reshape(p, n)
         fv = _dt.cast(_np.array([on_false_value], _f32), dst.dtype)[0]

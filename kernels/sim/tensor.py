@@ -101,7 +101,7 @@ def allocate(shape, dtype, buffer, name="", fill=None):
     sdt = np.dtype(np.float32) if _dt.is_tf32(dtype) else dtype
     if fill is None:
         fill = np.nan if dtype.kind == "f" or _dt.is_float(dtype) else 4
-    flat = np.full(n, fill, dtype=sdt) if fill != 0 else np.zeros(n, dtype=sdt)
+    flat = _dt.full(n, fill, sdt) if fill != 0 else np.zeros(n, dtype=sdt)
     free = n // shape[0] if buffer in ONCHIP else n
     st = Storage(flat, buffer, name, free)
     if buffer in ONCHIP:
@@ -289,9 +289,9 @@ class NkiTensor(NKIObject):
         """Writable numpy view of the elements (storage dtype; tfloat32 is float32)."""
         a = self._np
         if a is None:
-            isz = self._flat.itemsize
-            a = np.ndarray(self.shape, self._flat.dtype, buffer=self._flat, offset=self.offset * isz,
-                           strides=tuple(s * isz for s in self.strides))
+            flat = self._flat
+            isz = flat.itemsize
+            a = np.ndarray(self.shape, flat.dtype, flat, self.offset * isz, tuple([s * isz for s in self.strides]))
             self._np = a
         return a
 
@@ -299,7 +299,7 @@ class NkiTensor(NKIObject):
         """Values as float32 (a copy only when a cast is needed)."""
         a = self._v
         if a.dtype != np.float32:
-            return a.astype(np.float32)
+            return _dt.to_f32(a)
         return a
 
     def _write(self, values):
@@ -315,6 +315,67 @@ class NkiTensor(NKIObject):
                          self.dtype if dtype is None else dtype)
 
     def __getitem__(self, key):
+        """Fast path for the common keys (plain ints and slices with int/None bounds, in range); anything else, or
+        anything out of range, goes through :meth:`_getitem` (the general rules and their errors)."""
+        if type(key) is not tuple:
+            key = (key,)
+        shape = self.shape
+        strides = self.strides
+        if len(key) > len(shape):
+            return self._getitem(key)
+        onchip = self._st.buffer in ONCHIP
+        offset = self.offset
+        nshape, nstrides = [], []
+        last_int = None
+        d = 0
+        for k in key:
+            n = shape[d]
+            st = strides[d]
+            tk = type(k)
+            if tk is slice:
+                start, stop, step = k.start, k.stop, k.step
+                if start is None:
+                    start = 0
+                elif type(start) is not int or start < 0:
+                    return self._getitem(key)
+                if stop is None:
+                    stop = n
+                elif type(stop) is not int or stop < 0:
+                    return self._getitem(key)
+                if not (start < n and start < stop <= n):
+                    return self._getitem(key)
+                if step is None or step == 1 and type(step) is int:
+                    nshape.append(stop - start)
+                    nstrides.append(st)
+                elif type(step) is int and step > 0:
+                    nshape.append((stop - start + step - 1) // step)
+                    nstrides.append(st * step)
+                else:
+                    return self._getitem(key)
+                offset += start * st
+            elif tk is int:
+                if not 0 <= k < n:
+                    return self._getitem(key)
+                offset += k * st
+                if onchip and d == 0:
+                    nshape.append(1)
+                    nstrides.append(st)
+                else:
+                    last_int = st
+            else:
+                return self._getitem(key)
+            d += 1
+        if d < len(shape):
+            nshape.extend(shape[d:])
+            nstrides.extend(strides[d:])
+        if onchip and len(nshape) < 2 and last_int is not None:
+            nshape.append(1)
+            nstrides.append(last_int)
+        if not nshape:
+            nshape, nstrides = [1], [1]
+        return self._view(nshape, nstrides, offset)
+
+    def _getitem(self, key):
         if not isinstance(key, tuple):
             key = (key,)
         # expand Ellipsis

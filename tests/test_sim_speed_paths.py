@@ -1,0 +1,275 @@
+"""kernels.sim fast paths (issue 12, interpreter speed): each one against the plain numpy / ml_dtypes computation it
+replaces, bit for bit.
+
+* dtypes.to_f32 (bf16 -> fp32 by a 16-bit shift) vs ml_dtypes' astype: all 2^16 bf16 patterns.
+* dtypes.f32_to_bf16 (round-to-nearest-even on the uint32 bits, NaN -> sign | 0x7FC0) vs ml_dtypes' astype: every
+  high half (2^16) with the rounding-relevant low halves (0, 1, 0x7FFF, 0x8000, 0x8001, 0xFFFF) and random ones.
+  (All 2^32 patterns were compared once outside the suite: 0 mismatches, 57 s.)
+* dtypes.cast to bf16, dtypes.full, dtypes.same_dtype_roundtrip: against astype / np.full / the fp32 round trip,
+  on arbitrary shapes and strided views (hypothesis).
+* isa._rank1 (contraction-size-1 matmul as an outer product + 0.0) vs np.matmul, special values and random.
+* isa._disjoint (when nc_matmul may accumulate in place): sound against enumerating the view's offsets.
+* NkiTensor.__getitem__ (fast path) vs NkiTensor._getitem (the general rules), results and errors.
+* engines.emit's inlined byte spans vs engines.rec / span_of.
+* nc_matmul accumulation into a view whose elements alias (zero stride): still out + res, then assigned.
+"""
+from __future__ import annotations
+
+import warnings
+
+import ml_dtypes
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kernels.sim import dtypes as dt
+from kernels.sim import engines, isa, tensor, trace
+from kernels.sim.tensor import DynSlice
+from sim_helpers import nisa, nl
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+U16, U32 = np.dtype(np.uint16), np.dtype(np.uint32)
+
+
+def _ref_bf16(f):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")           # ml_dtypes warns "invalid value" on NaN
+        return f.astype(BF16)
+
+
+def _bits_equal(a, b):
+    assert a.dtype == b.dtype and a.shape == b.shape
+    w = {1: np.dtype(np.uint8), 2: U16, 4: U32}[a.dtype.itemsize]
+    np.testing.assert_array_equal(np.ascontiguousarray(a).view(w), np.ascontiguousarray(b).view(w))
+
+
+ALL_BF16 = np.arange(1 << 16, dtype=np.uint32).astype(U16).view(BF16)
+
+
+# ------------------------------------------------------------------------------------------------ conversions
+def test_to_f32_all_bf16_patterns():
+    _bits_equal(dt.to_f32(ALL_BF16), ALL_BF16.astype(np.float32))
+    v = ALL_BF16.reshape(256, 256)[::3, 1::2]                   # a strided view
+    _bits_equal(dt.to_f32(v), v.astype(np.float32))
+
+
+@pytest.mark.parametrize("low", [0x0000, 0x0001, 0x7FFF, 0x8000, 0x8001, 0xFFFF, 0x4000, 0xC000])
+def test_f32_to_bf16_every_high_half(low):
+    u = (np.arange(1 << 16, dtype=np.uint32) << 16) | np.uint32(low)
+    f = u.view(np.float32)
+    _bits_equal(dt.f32_to_bf16(f), _ref_bf16(f))
+
+
+def test_f32_to_bf16_random_patterns_and_nans():
+    rng = np.random.default_rng(0)
+    u = rng.integers(0, 1 << 32, size=1 << 20, dtype=np.uint64).astype(np.uint32)
+    f = u.view(np.float32)
+    _bits_equal(dt.f32_to_bf16(f), _ref_bf16(f))
+    # every NaN exponent/sign with random payloads, and NaNs next to finite values in one array
+    nan = (rng.integers(1, 1 << 23, size=1 << 16, dtype=np.uint64).astype(np.uint32) | np.uint32(0x7F800000))
+    nan[::2] |= np.uint32(0x80000000)
+    mixed = np.concatenate([nan, u[: 1 << 16]]).view(np.float32)
+    _bits_equal(dt.f32_to_bf16(mixed), _ref_bf16(mixed))
+    assert set(dt.f32_to_bf16(nan.view(np.float32)).view(U16).tolist()) == {0x7FC0, 0xFFC0}
+
+
+_shapes = st.lists(st.integers(1, 9), min_size=0, max_size=3).map(tuple)
+
+
+@st.composite
+def _f32_views(draw):
+    """float32 arrays of random shape and bits (specials included), as strided views part of the time."""
+    shape = draw(_shapes)
+    n = int(np.prod(shape, dtype=np.int64)) * 4
+    seed = draw(st.integers(0, 2 ** 32 - 1))
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 1 << 32, size=max(n, 1), dtype=np.uint64).astype(np.uint32)
+    special = np.array([0, 0x80000000, 0x7F800000, 0xFF800000, 0x7FC00000, 0xFFC00001, 1, 0x807FFFFF, 0x3F808000,
+                        0x3F818000, 0x7F7FFFFF], np.uint32)
+    k = min(len(special), base.size)
+    base[rng.choice(base.size, size=k, replace=False)] = special[:k]
+    a = base.view(np.float32)
+    if draw(st.booleans()) and shape:
+        return a[: int(np.prod(shape)) * 4].reshape(shape[:-1] + (shape[-1] * 4,))[..., ::4]
+    return a[: int(np.prod(shape, dtype=np.int64))].reshape(shape)
+
+
+@given(_f32_views())
+@settings(max_examples=200, deadline=None)
+def test_cast_to_bf16_matches_ml_dtypes(a):
+    _bits_equal(dt.cast(a, dt.bfloat16), _ref_bf16(a))
+    _bits_equal(dt.f32_to_bf16(a), _ref_bf16(a))
+
+
+@given(_f32_views())
+@settings(max_examples=100, deadline=None)
+def test_same_dtype_roundtrip(a):
+    _bits_equal(dt.same_dtype_roundtrip(a), dt.cast(a.astype(np.float32), dt.float32))
+    b = _ref_bf16(a)
+    _bits_equal(dt.same_dtype_roundtrip(b), _ref_bf16(b.astype(np.float32)))
+
+
+@pytest.mark.parametrize("bits", [0x7FC00001, 0xFFA00000, 0x3F808000, 0x3F818000, 0x80000000, 0x7F7FFFFF])
+def test_zero_d_arrays(bits):
+    f = np.array(bits, np.uint32).view(np.float32).reshape(())
+    _bits_equal(dt.cast(f, dt.bfloat16), _ref_bf16(f))
+    b = _ref_bf16(f)
+    _bits_equal(dt.to_f32(b), b.astype(np.float32))
+    _bits_equal(dt.same_dtype_roundtrip(b), _ref_bf16(b.astype(np.float32)))
+    _bits_equal(dt.same_dtype_roundtrip(f), f.copy())
+
+
+def test_same_dtype_roundtrip_all_bf16_patterns():
+    _bits_equal(dt.same_dtype_roundtrip(ALL_BF16), _ref_bf16(ALL_BF16.astype(np.float32)))
+
+
+@pytest.mark.parametrize("fill", [np.nan, 4, 0.0, -0.0, 1.5, -np.inf, 3.0e38])
+@pytest.mark.parametrize("dtype", [dt.bfloat16, dt.float32, dt.float16, dt.int32, dt.uint8])
+def test_full(fill, dtype):
+    if dtype.kind in "iu" and not float(fill).is_integer():
+        return
+    if dtype.kind in "iu" and abs(fill) > 255:
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = np.full(1000, fill, dtype=dtype)
+        got = dt.full(1000, fill, dtype)
+    _bits_equal(got, want)
+
+
+# ------------------------------------------------------------------------------------------------ matmul paths
+_SPECIAL = np.array([0.0, -0.0, 1.0, -1.0, np.inf, -np.inf, 1e-45, -1e-45, 1e-40, 3e38, -3e38, 1.5e-38, 2.5,
+                     -7.125e-20, 65504.0, 0.1], np.float32)
+
+
+def _matmul_ref(s, mv):
+    with np.errstate(all="ignore"):
+        return np.matmul(s.T, mv)
+
+
+def test_rank1_special_values():
+    s = _SPECIAL.reshape(1, -1)
+    with np.errstate(all="ignore"):
+        _bits_equal(isa._rank1(s, s), _matmul_ref(s, s))
+
+
+@given(m=st.integers(1, 128), n=st.integers(1, 512), seed=st.integers(0, 2 ** 31), scale=st.sampled_from(
+    [1.0, 1e-20, 1e20, 1e-38]))
+@settings(max_examples=60, deadline=None)
+def test_rank1_random(m, n, seed, scale):
+    rng = np.random.default_rng(seed)
+    s = (rng.standard_normal((1, m)) * scale).astype(np.float32)
+    mv = (rng.standard_normal((1, n)) * scale).astype(np.float32)
+    s[0, rng.integers(0, m)] = rng.choice(_SPECIAL)
+    with np.errstate(all="ignore"):
+        _bits_equal(isa._rank1(s, mv), _matmul_ref(s, mv))
+
+
+def test_rank1_declines_nan_operands():
+    s = np.array([[1.0, np.nan]], np.float32)
+    assert isa._rank1(s, np.ones((1, 3), np.float32)) is None
+    assert isa._rank1(np.ones((1, 3), np.float32), s) is None
+
+
+def _disjoint_brute(shape, strides):
+    offs = np.zeros((), np.int64)
+    for c, s in zip(shape, strides):
+        offs = np.add.outer(offs, np.arange(c, dtype=np.int64) * s)
+    offs = offs.reshape(-1)
+    return len(np.unique(offs)) == offs.size
+
+
+@given(st.lists(st.tuples(st.integers(1, 5), st.integers(0, 40)), min_size=1, max_size=4))
+@settings(max_examples=300, deadline=None)
+def test_disjoint(dims):
+    shape = tuple(c for c, _ in dims)
+    strides = tuple(s for _, s in dims)
+    # sound (True only when no two elements share memory); it may say False for an interleaved disjoint view, which
+    # only costs the in-place shortcut
+    if isa._disjoint(shape, strides):
+        assert _disjoint_brute(shape, strides)
+
+
+def test_disjoint_on_tile_layouts():
+    assert isa._disjoint((128, 512), (512, 1)) and isa._disjoint((128, 4, 128), (2048, 512, 1))
+    assert isa._disjoint((64, 3, 100), (2048, 100, 1)) and isa._disjoint((128, 1), (512, 0))
+    assert not isa._disjoint((128, 4), (512, 0)) and not isa._disjoint((128, 3, 4), (512, 2, 1))
+
+
+@pytest.mark.parametrize("accumulate", [True, None])
+def test_matmul_accumulate_into_aliasing_view(accumulate):
+    """A PSUM dst whose free dim has stride 0 (every column is one element): accumulation computes out + res for
+    the whole view, then assigns (the last column's sum wins), as the general path does (nc_matmul adds in place
+    only on views isa._disjoint accepts)."""
+    from kernels.sim import nki
+
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal((8, 4)).astype(np.float32)
+    b = rng.standard_normal((8, 3)).astype(np.float32)
+
+    @nki.jit
+    def k(a_h, b_h):
+        out = nl.ndarray((4, 1), dtype=nl.float32, buffer=nl.shared_hbm)
+        at = nl.ndarray((8, 4), dtype=nl.float32, buffer=nl.sbuf)
+        bt = nl.ndarray((8, 3), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.dma_copy(dst=at, src=a_h)
+        nisa.dma_copy(dst=bt, src=b_h)
+        ps = nl.ndarray((4, 1), dtype=nl.float32, buffer=nl.psum)
+        nisa.nc_matmul(dst=ps.broadcast(1, 3), stationary=at, moving=bt, accumulate=False)
+        nisa.nc_matmul(dst=ps.broadcast(1, 3), stationary=at, moving=bt, accumulate=accumulate)
+        res = nl.ndarray((4, 1), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.tensor_copy(dst=res, src=ps)
+        nisa.dma_copy(dst=out, src=res)
+        return out
+
+    r = np.matmul(a.T, b)
+    want = (r[:, 2] + r[:, 2]).reshape(4, 1)          # first write leaves column 2's value; then out + res, last wins
+    _bits_equal(np.asarray(k(a, b)), want.astype(np.float32))
+
+
+# ------------------------------------------------------------------------------------------------ views, trace
+def _outcome(f, key):
+    try:
+        v = f(key)
+        return ("ok", v.shape, v.strides, v.offset)
+    except Exception as e:              # noqa: BLE001  (the two paths must raise the same thing)
+        return ("err", type(e).__name__, str(e))
+
+
+_index = st.one_of(
+    st.integers(-8, 8),
+    st.builds(slice, st.none() | st.integers(-8, 9), st.none() | st.integers(-8, 9),
+              st.sampled_from([None, None, 1, 2, 3, 0, -1])),
+    st.just(Ellipsis),
+    st.integers(0, 3).map(np.int64),
+    st.builds(DynSlice, st.integers(0, 3), st.integers(1, 3)),
+)
+
+
+@given(shape=st.lists(st.integers(1, 6), min_size=1, max_size=4).map(tuple), buf=st.sampled_from(["sbuf", "hbm"]),
+       key=st.lists(_index, max_size=5), as_tuple=st.booleans(), pre=st.booleans())
+@settings(max_examples=400, deadline=None)
+def test_getitem_fast_path_matches_general(shape, buf, key, as_tuple, pre):
+    t = tensor.allocate(shape, np.float32, buf)
+    if pre and shape[0] > 1:
+        t = t._getitem((slice(1, None),))
+    k = tuple(key) if (as_tuple or len(key) != 1) else key[0]
+    assert _outcome(t.__getitem__, k) == _outcome(t._getitem, k)
+
+
+@given(shape=st.lists(st.integers(1, 6), min_size=2, max_size=4).map(tuple), buf=st.sampled_from(["sbuf", "hbm"]),
+       key=st.lists(st.one_of(st.integers(0, 5), st.builds(slice, st.none() | st.integers(0, 5),
+                                                            st.none() | st.integers(1, 6),
+                                                            st.sampled_from([None, 1, 2]))), max_size=4))
+@settings(max_examples=200, deadline=None)
+def test_emit_spans_match_rec(shape, buf, key):
+    t = tensor.allocate(shape, np.float32, buf)
+    try:
+        v = t._getitem(tuple(key))
+    except IndexError:
+        return
+    with trace.record() as tr:
+        engines.emit("vector", "tensor_copy", (("dst", v), ("src", t), ("bias", None)))
+    assert list(tr.instructions[0].operands) == [engines.rec("dst", v, "tensor_copy"),
+                                                 engines.rec("src", t, "tensor_copy")]
