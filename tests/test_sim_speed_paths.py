@@ -5,7 +5,7 @@ replaces, bit for bit.
 * dtypes.f32_to_bf16 (round-to-nearest-even on the uint32 bits, NaN -> sign | 0x7FC0) vs ml_dtypes' astype: every
   high half (2^16) with the rounding-relevant low halves (0, 1, 0x7FFF, 0x8000, 0x8001, 0xFFFF) and random ones.
   (All 2^32 patterns were compared once outside the suite: 0 mismatches, 57 s.)
-* dtypes.cast to bf16, dtypes.full, dtypes.same_dtype_roundtrip: against astype / np.full / the fp32 round trip,
+* dtypes.cast to bf16, dtypes.cast_into, dtypes.full, dtypes.same_dtype_roundtrip: against astype / np.full / the fp32 round trip,
   on arbitrary shapes and strided views (hypothesis).
 * isa._rank1 (contraction-size-1 matmul as an outer product + 0.0) vs np.matmul, special values and random.
 * isa._disjoint (when nc_matmul may accumulate in place): sound against enumerating the view's offsets.
@@ -108,6 +108,35 @@ def test_same_dtype_roundtrip(a):
     _bits_equal(dt.same_dtype_roundtrip(a), dt.cast(a.astype(np.float32), dt.float32))
     b = _ref_bf16(a)
     _bits_equal(dt.same_dtype_roundtrip(b), _ref_bf16(b.astype(np.float32)))
+
+
+@given(_f32_views(), st.booleans())
+@settings(max_examples=150, deadline=None)
+def test_cast_into(a, strided_out):
+    for d in (dt.bfloat16, dt.float32, dt.tfloat32, dt.float16, dt.int32):
+        sdt = dt.float32 if d is dt.tfloat32 else d
+        if strided_out and a.ndim:
+            out = np.zeros(a.shape[:-1] + (a.shape[-1] * 2,), sdt)[..., ::2]
+        else:
+            out = np.zeros(a.shape, sdt)
+        want = np.zeros(a.shape, sdt)
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")         # ml_dtypes / fp16 casts of NaN and overflow warn
+            want[...] = dt.cast(a, d)
+            dt.cast_into(out, a, d)
+        _bits_equal(out, want)
+
+
+def test_cast_into_aliasing_values():
+    """values that share memory with out (an fp32 tile reinterpreted as pairs of bf16 halves)."""
+    rng = np.random.default_rng(3)
+    f = rng.standard_normal(4096).astype(np.float32)
+    f[::97] = np.nan
+    want = _ref_bf16(f[:2048])
+    buf = f.copy()
+    out = buf.view(BF16)[:2048]                       # overlaps buf[:1024], which values[:1024] read
+    dt.cast_into(out, buf[:2048], dt.bfloat16)
+    _bits_equal(out, want)
 
 
 @pytest.mark.parametrize("bits", [0x7FC00001, 0xFFA00000, 0x3F808000, 0x3F818000, 0x80000000, 0x7F7FFFFF])
@@ -273,3 +302,51 @@ def test_emit_spans_match_rec(shape, buf, key):
         engines.emit("vector", "tensor_copy", (("dst", v), ("src", t), ("bias", None)))
     assert list(tr.instructions[0].operands) == [engines.rec("dst", v, "tensor_copy"),
                                                  engines.rec("src", t, "tensor_copy")]
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_activation_copy_and_transpose_fast_paths(dtype):
+    """activation(copy) into data's dtype and the TensorE transpose: the general path's bits, i.e. the values
+    widened to fp32 by ml_dtypes and cast back (bf16 NaNs become sign | 0x7FC0; fp32 bits, signaling NaNs
+    included, unchanged). For bf16 also the path with a [P,1] scale tile of ones (x * 1.0 is exact)."""
+    from kernels.sim import nki
+
+    if dtype == "bfloat16":
+        x = ALL_BF16.reshape(128, 512)
+    else:
+        rng = np.random.default_rng(5)
+        x = rng.integers(0, 1 << 32, size=(128, 512), dtype=np.uint64).astype(np.uint32).view(np.float32)
+    ndt = getattr(nl, dtype)
+    sdt = x.dtype
+
+    @nki.jit
+    def k(x_h, ones_h):
+        fast = nl.ndarray((128, 512), dtype=ndt, buffer=nl.shared_hbm)
+        slow = nl.ndarray((128, 512), dtype=ndt, buffer=nl.shared_hbm)
+        tr = nl.ndarray((128, 128), dtype=ndt, buffer=nl.shared_hbm)
+        xt = nl.ndarray((128, 512), dtype=ndt, buffer=nl.sbuf)
+        ones = nl.ndarray((128, 1), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.dma_copy(dst=xt, src=x_h)
+        nisa.dma_copy(dst=ones, src=ones_h)
+        a = nl.ndarray((128, 512), dtype=ndt, buffer=nl.sbuf)
+        b = nl.ndarray((128, 512), dtype=ndt, buffer=nl.sbuf)
+        nisa.activation(dst=a, op=nl.copy, data=xt)
+        nisa.activation(dst=b, op=nl.copy, data=xt, scale=ones)
+        nisa.dma_copy(dst=fast, src=a)
+        nisa.dma_copy(dst=slow, src=b)
+        tp = nl.ndarray((128, 128), dtype=ndt, buffer=nl.psum)
+        nisa.nc_transpose(dst=tp, data=xt[:, 128:256])
+        t_sb = nl.ndarray((128, 128), dtype=ndt, buffer=nl.sbuf)
+        nisa.tensor_copy(dst=t_sb, src=tp)
+        nisa.dma_copy(dst=tr, src=t_sb)
+        return fast, slow, tr
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fast, slow, tr = k(x, np.ones((128, 1), np.float32))
+        want = x.astype(np.float32).astype(sdt)
+        want_t = np.ascontiguousarray(x[:, 128:256].astype(np.float32).T).astype(sdt)
+    _bits_equal(np.asarray(fast), want)
+    _bits_equal(np.asarray(tr), want_t)
+    if dtype == "bfloat16":
+        _bits_equal(np.asarray(slow), want)

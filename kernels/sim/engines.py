@@ -230,7 +230,7 @@ def as_shape(values, shape):
 
 def store(dst, values):
     """Write fp32 (or integer) results into dst with the engine cast; clears PSUM matmul flags."""
-    dst._v[...] = _dt.cast(as_shape(values, dst.shape), dst.dtype)
+    _dt.cast_into(dst._v, as_shape(values, dst.shape), dst.dtype)
     if dst._st.mm_written is not None:
         mm_flags(dst)[...] = False
 

@@ -421,10 +421,12 @@ def nc_matmul(dst, stationary, moving, is_stationary_onezero=False, is_moving_on
     out = dst._v
     # out += res is the same fp32 add as out[...] = out + res when no two elements of the view share memory
     in_place = out.dtype == _f32 and _disjoint(dst.shape, dst.strides)
+    all_set = False                     # every flag already True: nothing to set afterwards
     if accumulate is True:
         if not flags.all():
             _fail("matmul.accumulate", I, "dst", "accumulate=True into PSUM elements not written by a matmul "
                  "(uninitialised or written by another engine): undefined on hardware")
+        all_set = True
         if in_place:
             out += res
         else:
@@ -433,6 +435,7 @@ def nc_matmul(dst, stationary, moving, is_stationary_onezero=False, is_moving_on
         out[...] = _dt.cast(res, dst.dtype)
     else:
         if flags.all():
+            all_set = True
             if in_place:
                 out += res
             else:
@@ -441,7 +444,8 @@ def nc_matmul(dst, stationary, moving, is_stationary_onezero=False, is_moving_on
             out[...] = _dt.cast(res, dst.dtype)
         else:
             out[...] = _dt.cast(_np.where(flags, out.astype(_f32) + res, res), dst.dtype)
-    flags[...] = True
+    if not all_set:
+        flags[...] = True
     _emit("tensor", I, (("dst", dst), ("stationary", stationary), ("moving", moving)), name)
 
 
@@ -558,16 +562,26 @@ def _activation(I, dst, op, data, bias, scale, reduce_op, reduce_res, cmd, name)
         _same_p(I, "data", p, "reduce_res", pr)
         if nr != 1:
             _fail("activation.reduce_res", I, "reduce_res", f"is {list(reduce_res.shape)}; must be [P,1]", "[P,1]")
-    x = data._f32()
-    if x.ndim != 2:
-        x = x.reshape(p, n)
-    if sc != 1.0 if isinstance(sc, float) else True:
-        x = x * sc
-    if b is not None:
-        x = x + b
-    y = fn.unary(x)
-    _store(dst, y)
-    partial = red.reduce(y, -1) if (uses_reduce and red is not None) else None
+    if fn.name == "copy" and b is None and isinstance(sc, float) and sc == 1.0 and not uses_reduce and \
+            dst.dtype == data.dtype and dst.dtype in (_dt.float32, _dt.bfloat16):
+        # copy(data * 1.0) -> dst of data's dtype: the fp32 round trip as bits (dtypes.same_dtype_roundtrip)
+        v = data._v
+        v = v if v.ndim == 2 else v.reshape(p, n)
+        dst._v[...] = (v if dst.dtype == _dt.float32 else _dt.same_dtype_roundtrip(v)).reshape(dst.shape)
+        if dst._st.mm_written is not None:
+            _mm_flags(dst)[...] = False
+        partial = None
+    else:
+        x = data._f32()
+        if x.ndim != 2:
+            x = x.reshape(p, n)
+        if sc != 1.0 if isinstance(sc, float) else True:
+            x = x * sc
+        if b is not None:
+            x = x + b
+        y = fn.unary(x)
+        _store(dst, y)
+        partial = red.reduce(y, -1) if (uses_reduce and red is not None) else None
     _apply_reduce_regs(_state.act_regs, pstart, p, cmd, red, partial, I)
     if reduce_res is not None:
         _store(reduce_res, _state.act_regs[pstart:pstart + p].reshape(p, 1))
