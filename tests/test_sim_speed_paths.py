@@ -47,6 +47,28 @@ def _bits_equal(a, b):
 ALL_BF16 = np.arange(1 << 16, dtype=np.uint32).astype(U16).view(BF16)
 
 
+@pytest.fixture(autouse=True)
+def _bit_paths_for_every_size(monkeypatch):
+    """dtypes takes its bit-level paths from _BITS_MIN elements on (smaller arrays go through ml_dtypes): 0 here,
+    so that the small and 0-d arrays below exercise the bit paths too."""
+    monkeypatch.setattr(dt, "_BITS_MIN", 0)
+
+
+def test_threshold_paths_agree(monkeypatch):
+    """Around the production threshold (1024 elements): ml_dtypes below, bits from it on; the same results."""
+    monkeypatch.setattr(dt, "_BITS_MIN", 1024)
+    f = (np.arange(1 << 16, dtype=np.uint32) * np.uint32(65521)).view(np.float32)[:3000]
+    for n in (1, 5, 1023, 1024, 3000):
+        a = f[:n]
+        b = _ref_bf16(a)
+        _bits_equal(dt.f32_to_bf16(a), b)
+        _bits_equal(dt.to_f32(b), b.astype(np.float32))
+        _bits_equal(dt.same_dtype_roundtrip(b), _ref_bf16(b.astype(np.float32)))
+        out = np.zeros(n, BF16)
+        dt.cast_into(out, a, dt.bfloat16)
+        _bits_equal(out, b)
+
+
 # ------------------------------------------------------------------------------------------------ conversions
 def test_to_f32_all_bf16_patterns():
     _bits_equal(dt.to_f32(ALL_BF16), ALL_BF16.astype(np.float32))

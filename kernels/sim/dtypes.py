@@ -118,13 +118,14 @@ def round_tf32(x):
 
 
 _U16, _U32 = np.dtype(np.uint16), np.dtype(np.uint32)
+_BITS_MIN = 1024      # arrays below this size convert through ml_dtypes (same bits; fewer numpy calls)
 
 
 def to_f32(a):
     """float32 values of array ``a`` (a new array). bf16 widens by a 16-bit shift of its bits: bit-identical to
     ml_dtypes' conversion (exact, NaN payloads kept; tests/test_sim_speed_paths.py checks all 2^16 values) and
     about 3x faster on the hot path (every matmul and engine operand)."""
-    if a.dtype == bfloat16:
+    if a.dtype == bfloat16 and a.size >= _BITS_MIN:
         w = a.view(_U16).astype(_U32)
         w <<= 16
         return w.view(np.float32)
@@ -136,6 +137,8 @@ def f32_to_bf16(v):
     (finite values, denormals and overflow to Inf alike); NaN becomes ``sign | 0x7FC0`` (payload dropped). This is
     ml_dtypes' conversion bit for bit (tests/test_sim_speed_paths.py: every pattern of the high 16 bits with the
     rounding-relevant low halves, and all NaNs), about 2x faster and without its "invalid value" warning."""
+    if v.size < _BITS_MIN:                          # a few ufunc calls cost more than ml_dtypes' loop here
+        return v.astype(bfloat16)
     if v.ndim == 0:                                 # ufuncs on 0-d arrays return scalars
         return f32_to_bf16(v.reshape(1)).reshape(())
     u = v.view(_U32)
@@ -156,7 +159,7 @@ def cast_into(out, values, dt):
     bfloat16 store narrows straight into ``out`` (one pass and one temporary fewer than cast-then-assign; the same
     bits: f32_to_bf16's arithmetic, with ``values`` read in full before ``out`` is written, so they may alias)."""
     v = values if isinstance(values, np.ndarray) else np.asarray(values)
-    if dt == bfloat16 and v.dtype == float32 and v.shape == out.shape and v.ndim:
+    if dt == bfloat16 and v.dtype == float32 and v.shape == out.shape and v.ndim and v.size >= _BITS_MIN:
         u = v.view(_U32)
         nan = np.isnan(v) if v.size and np.isnan(v.max()) else None
         t = u >> 16
@@ -177,6 +180,8 @@ def same_dtype_roundtrip(a):
     every NaN)."""
     if a.dtype != bfloat16:
         return np.array(a, dtype=a.dtype, copy=True)
+    if a.size < _BITS_MIN:
+        return a.astype(np.float32).astype(bfloat16)
     if a.ndim == 0:
         return same_dtype_roundtrip(a.reshape(1)).reshape(())
     u = np.array(a.view(_U16), copy=True)
