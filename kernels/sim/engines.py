@@ -164,7 +164,7 @@ _HBM_SET = frozenset(HBM)
 
 def emit(engine, op, operands, name=None, alu=None):
     """Record an instruction; operands = [(role, tensor), ...] (None tensors skipped). Each Operand gets its
-    space, byte span (``span_of``, inlined here: this runs for every operand of every instruction) and access
+    space, byte span (``span_of``) and access
     ("r"/"w"/"rw", kernels.sim.trace.access_of). HBM bytes: writes for the written roles, reads for the others.
     ``alu``: the instruction's ALU op names (Instruction.alu)."""
     if not _active:
@@ -182,31 +182,10 @@ def emit(engine, op, operands, name=None, alu=None):
         buf = st.buffer
         dt = t.dtype
         shape = t.shape
-        strides = t.strides
-        isz = t._flat.itemsize
-        off = t.offset
-        b0, b1 = st.base
         nb = dt.itemsize
         for c in shape:
             nb *= c
-        if buf in ONCHIP:
-            fs = st.free_size * st.flat.itemsize // isz
-            p0 = off // fs
-            lo = hi = off - p0 * fs
-            k0 = 1
-        else:
-            lo = hi = off
-            k0 = 0
-        for k in range(k0, len(shape)):
-            c = shape[k]
-            if c > 1:
-                d = (c - 1) * strides[k]
-                if d > 0:
-                    hi += d
-                else:
-                    lo += d
-        span = (p0 + b0, shape[0], lo * isz + b1, (hi + 1) * isz + b1) if k0 else \
-            (0, 1, lo * isz + b1, (hi + 1) * isz + b1)
+        span = span_of(t)
         dn = _NAME_OF.get(id(dt))
         if dn is None:
             dn = _dt.name(dt)
