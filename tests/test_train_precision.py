@@ -163,3 +163,46 @@ def test_train_bf16_sr_both_matmul_paths_and_mfu_bound(tmp_path):
     assert all(r["mfu"] <= 1.0 for r in metrics(out))
     line = next(ln for ln in p.stdout.splitlines() if ln.strip().startswith("MFU"))
     assert "100.00%" in line and "raised to the best achieved rate" in line, line
+
+
+@pytest.mark.parametrize("chunk_elems", [1 << 23, 300])            # one chunk, several (uneven last one)
+def test_fused_loss_under_widened_matmuls_is_the_widened_unfused_loss(chunk_elems):
+    """Under WidenedBf16Matmuls the fused LM-head loss (which writes its fp32 GEMMs in place, issue 15) gives what
+    the unfused widened computation gives, written out here in fp32: logits = bf16(fp32 GEMM of the bf16
+    operands) upcast, softmax gradient in fp32, dHidden = bf16(bf16(grad) @ W) and dWeight = bf16(grad^T @ h)."""
+    from llama.loss import LinearCrossEntropy
+    g = torch.Generator().manual_seed(7)
+    h = torch.randn(2, 9, 32, generator=g).bfloat16().requires_grad_(True)
+    w = (torch.randn(60, 32, generator=g) * 0.3).bfloat16().requires_grad_(True)
+    labels = torch.randint(0, 60, (2, 9), generator=g)
+    labels[0, 4:6] = -100
+    with WidenedBf16Matmuls():
+        loss = LinearCrossEntropy(chunk_elems)(h, w, labels, "sum")
+    dh, dw = torch.autograd.grad(loss, (h, w))
+    h32, w32, flat = h.detach().float().view(-1, 32), w.detach().float(), labels.view(-1)
+    logits = (h32 @ w32.t()).bfloat16().float()
+    valid = flat != -100
+    ref = F.cross_entropy(logits, flat, ignore_index=-100, reduction="sum")
+    grad = torch.softmax(logits, -1) - F.one_hot(flat.clamp(min=0), 60).float()
+    grad[~valid] = 0
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
+    assert dh.dtype == dw.dtype == torch.bfloat16
+    want_dh = (grad.bfloat16().float() @ w32).bfloat16().view_as(dh)
+    want_dw = (grad.t() @ h32).bfloat16()
+    # fp32 sums in another order may move a value across a bf16 rounding boundary: at most one bf16 ulp
+    ulp = torch.finfo(torch.bfloat16).eps
+    assert ((dh.float() - want_dh.float()).abs() <= ulp * want_dh.float().abs() + 1e-30).all()
+    assert ((dw.float() - want_dw.float()).abs() <= ulp * want_dw.float().abs() + 1e-30).all()
+    assert dh[0, 4:6].abs().max() == 0
+    # and the path taken is the in-place one: every GEMM gets fp32 operands (none is left for the mode to widen
+    # through bf16 copies of [rows, V] buffers)
+    seen = []
+
+    class Spy(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func in precision._MATMULS:
+                seen.append(tuple(a.dtype for a in args if isinstance(a, torch.Tensor)))
+            return func(*args, **(kwargs or {}))
+    with WidenedBf16Matmuls(), Spy():
+        LinearCrossEntropy(chunk_elems)(h, w, labels, "sum")
+    assert seen and all(d == torch.float32 for dtypes in seen for d in dtypes), seen

@@ -244,7 +244,11 @@ class WidenedBf16Matmuls(TorchFunctionMode):
 
     The casts are ordinary autograd ops, so the backward's GEMMs are fp32 too. A TorchFunctionMode sees the calls
     made inside autograd.Functions' forwards as well (the fused LM-head loss), and applies from outside the model.
+    ``widens_bf16_matmuls`` tells code that runs its own GEMMs (llama.loss's fused LM-head loss) that bf16 matmuls
+    compute in fp32 here, so it can write fp32 results in place instead of casting through bf16 copies.
     """
+
+    widens_bf16_matmuls = True
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
