@@ -61,6 +61,8 @@ def hf(precision: str, steps: int, threads: int, compile: bool = False) -> float
                                          if k not in ("architectures", "torch_dtype", "dtype")}))
     model.train()
     if compile:
+        from train import tag_compile_cache_with_cpu_isa     # inductor's cache ignores ATEN_CPU_CAPABILITY
+        tag_compile_cache_with_cpu_isa()
         model.compile()
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]

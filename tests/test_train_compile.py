@@ -32,3 +32,35 @@ def test_compile_without_cxx_compiler_is_a_clear_error(tmp_path):
     assert p.returncode != 0
     assert "C++ compiler" in p.stderr and "--compile" in p.stderr, p.stderr
     assert not os.path.exists(tmp_path / "r" / "metrics.jsonl")
+
+
+def test_compile_cache_key_carries_the_aten_cpu_capability(monkeypatch):
+    import torch.compiler.config as cc
+
+    import train as train_py
+    monkeypatch.setattr(cc, "cache_key_tag", "")
+    assert train_py.tag_compile_cache_with_cpu_isa({}) == ""                   # no variable: torch's own key
+    assert train_py.tag_compile_cache_with_cpu_isa({"ATEN_CPU_CAPABILITY": "AVX2"}) == "aten-cpu-avx2"
+    assert train_py.tag_compile_cache_with_cpu_isa({"ATEN_CPU_CAPABILITY": "avx2"}) == "aten-cpu-avx2"   # once
+    monkeypatch.setattr(cc, "cache_key_tag", "user")
+    assert train_py.tag_compile_cache_with_cpu_isa({"ATEN_CPU_CAPABILITY": "avx512"}) == "user+aten-cpu-avx512"
+    assert cc.cache_key_tag == "user+aten-cpu-avx512"
+
+
+def test_compile_cache_shared_across_aten_cpu_capabilities(tmp_path, monkeypatch):
+    """One inductor cache directory, a --compile run with the CPU's own ISA, then one with ATEN_CPU_CAPABILITY=avx2
+    (the AVX2 emulation of issue 15): before the cache tag the second loaded the first's AVX512 kernels built as
+    AVX2 ones and failed (out-of-bounds index in the loss / segfault); now both train to the same losses."""
+    cache = str(tmp_path / "inductor")
+    env = {"TORCHINDUCTOR_CACHE_DIR": cache}
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    runs = {}
+    for name, extra in (("own", {}), ("avx2", {"ATEN_CPU_CAPABILITY": "avx2"})):
+        out = str(tmp_path / name)
+        p = train("--max-steps", 2, "--out-dir", out, "--compile", *STEPS, env=dict(env, **extra), check=False,
+                  timeout=600)
+        assert p.returncode == 0, p.stderr[-2000:]
+        runs[name] = [r["loss"] for r in metrics(out) if "loss" in r]
+    assert len(runs["own"]) == 2
+    for a, b in zip(runs["own"], runs["avx2"]):
+        assert abs(a - b) <= 1e-5 * abs(a), runs
