@@ -132,6 +132,21 @@ def to_f32(a):
     return a.astype(np.float32)
 
 
+def _bf16_bits(v):
+    """uint32 array holding the bfloat16 bits of float32 array ``v`` (1-d or more): round-to-nearest-even,
+    ``(u + 0x7FFF + bit16(u)) >> 16``; NaN becomes ``sign | 0x7FC0``. ``v`` is only read."""
+    u = v.view(_U32)
+    t = u >> 16
+    t &= 1
+    t += u
+    t += 0x7FFF
+    t >>= 16
+    if v.size and np.isnan(v.max()):              # max propagates NaN: one cheap pass decides the fix-up
+        nan = np.isnan(v)
+        t[nan] = ((u[nan] >> 16) & 0x8000) | 0x7FC0
+    return t
+
+
 def f32_to_bf16(v):
     """bfloat16 of the float32 array ``v``, round-to-nearest-even on the bits: ``(u + 0x7FFF + bit16(u)) >> 16``
     (finite values, denormals and overflow to Inf alike); NaN becomes ``sign | 0x7FC0`` (payload dropped). This is
@@ -141,16 +156,7 @@ def f32_to_bf16(v):
         return v.astype(bfloat16)
     if v.ndim == 0:                                 # ufuncs on 0-d arrays return scalars
         return f32_to_bf16(v.reshape(1)).reshape(())
-    u = v.view(_U32)
-    t = u >> 16
-    t &= 1
-    t += u
-    t += 0x7FFF
-    t >>= 16
-    r = t.astype(_U16)
-    if v.size and np.isnan(v.max()):              # max propagates NaN: one cheap pass decides the fix-up
-        nan = np.isnan(v)
-        r[nan] = ((u[nan] >> 16) & 0x8000) | 0x7FC0
+    r = _bf16_bits(v).astype(_U16)
     return r.view(bfloat16)
 
 
@@ -160,15 +166,7 @@ def cast_into(out, values, dt):
     bits: f32_to_bf16's arithmetic, with ``values`` read in full before ``out`` is written, so they may alias)."""
     v = values if isinstance(values, np.ndarray) else np.asarray(values)
     if dt == bfloat16 and v.dtype == float32 and v.shape == out.shape and v.ndim and v.size >= _BITS_MIN:
-        u = v.view(_U32)
-        nan = np.isnan(v) if v.size and np.isnan(v.max()) else None
-        t = u >> 16
-        t &= 1
-        t += u
-        t += 0x7FFF
-        t >>= 16
-        if nan is not None:
-            t[nan] = ((u[nan] >> 16) & 0x8000) | 0x7FC0
+        t = _bf16_bits(v)                           # computed in full before out is written
         out.view(_U16)[...] = t
         return
     out[...] = cast(v, dt)
