@@ -61,7 +61,7 @@ def hf(precision: str, steps: int, threads: int, compile: bool = False) -> float
                                          if k not in ("architectures", "torch_dtype", "dtype")}))
     model.train()
     if compile:
-        from train import tag_compile_cache_with_cpu_isa     # inductor's cache ignores ATEN_CPU_CAPABILITY
+        from training.compile_cache import tag_compile_cache_with_cpu_isa   # inductor: cache ignores the ISA
         tag_compile_cache_with_cpu_isa()
         model.compile()
     decay = [p for p in model.parameters() if p.ndim >= 2]

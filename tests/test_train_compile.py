@@ -37,13 +37,13 @@ def test_compile_without_cxx_compiler_is_a_clear_error(tmp_path):
 def test_compile_cache_key_carries_the_aten_cpu_capability(monkeypatch):
     import torch.compiler.config as cc
 
-    import train as train_py
+    from training import compile_cache
     monkeypatch.setattr(cc, "cache_key_tag", "")
-    assert train_py.tag_compile_cache_with_cpu_isa({}) == ""                   # no variable: torch's own key
-    assert train_py.tag_compile_cache_with_cpu_isa({"ATEN_CPU_CAPABILITY": "AVX2"}) == "aten-cpu-avx2"
-    assert train_py.tag_compile_cache_with_cpu_isa({"ATEN_CPU_CAPABILITY": "avx2"}) == "aten-cpu-avx2"   # once
+    assert compile_cache.tag_compile_cache_with_cpu_isa({}) == ""                   # no variable: torch's own key
+    assert compile_cache.tag_compile_cache_with_cpu_isa({"ATEN_CPU_CAPABILITY": "AVX2"}) == "aten-cpu-avx2"
+    assert compile_cache.tag_compile_cache_with_cpu_isa({"ATEN_CPU_CAPABILITY": "avx2"}) == "aten-cpu-avx2"   # once
     monkeypatch.setattr(cc, "cache_key_tag", "user")
-    assert train_py.tag_compile_cache_with_cpu_isa({"ATEN_CPU_CAPABILITY": "avx512"}) == "user+aten-cpu-avx512"
+    assert compile_cache.tag_compile_cache_with_cpu_isa({"ATEN_CPU_CAPABILITY": "avx512"}) == "user+aten-cpu-avx512"
     assert cc.cache_key_tag == "user+aten-cpu-avx512"
 
 
