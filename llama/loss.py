@@ -57,6 +57,52 @@ def _autocast_dtype(device_type: str):
         return None
 
 
+def _chunking(n: int, v: int, chunk_elems: int) -> tuple[int, int]:
+    """(number of chunks, rows per chunk): equal chunks of at most chunk_elems // V rows (1024 rows -> 4 x 256,
+    not 3 x 262 + 238); one empty chunk when there are no rows."""
+    if not n:
+        return 1, 1
+    chunks = math.ceil(n / max(1, min(n, chunk_elems // v)))
+    return chunks, math.ceil(n / chunks)
+
+
+class _Gemms:
+    """The three GEMM paths of one call: ``direct`` (all operands already in the accumulation dtype: the matmuls
+    write into the buffers), ``widened`` (bf16 under a widening mode: fp32 GEMMs, bf16 roundings in place) or
+    cast (operands cast to the compute dtype ``mm``, results copied into the accumulation-dtype buffer)."""
+
+    def __init__(self, hidden, weight, mm, acc):
+        self.weight, self.mm, self.acc = weight, mm, acc
+        self.direct = mm == acc and hidden.dtype == acc and weight.dtype == acc
+        self.widened = mm == torch.bfloat16 and acc == torch.float32 and _widened_bf16_matmuls()
+        self.w_mm = weight.to(torch.float32 if self.widened else mm)        # one cast per step under autocast
+        # The logits matmul's [H, V] operand is laid out per dtype. fp32/fp64: a contiguous copy, which beat
+        # MKL's transposed-B sgemm on x @ W.t() by a few percent in the full model step (bench_kernels/model.py,
+        # issue 4). bf16/fp16: the transposed view F.linear passes: on a CPU without bf16 matrix units PyTorch's
+        # fallback GEMM runs it as dot products over contiguous H, 5.7x faster than the contiguous copy at
+        # 1024 x 64 x 2048 (121 vs 691 ms, AMD EPYC family 23 AVX2, issue 15); oneDNN and cuBLAS take either.
+        w = self.w_mm
+        self.w_t = w.t().contiguous() if w.dtype in (torch.float32, torch.float64) else w.t()
+
+    def logits_into(self, z, x):
+        """z [rows, V] (accumulation dtype) <- the logits of x, as F.linear in the compute dtype, upcast."""
+        if self.direct:
+            torch.mm(x, self.w_t, out=z)
+        elif self.widened:
+            _round_bf16_(torch.mm(x.to(torch.float32), self.w_t, out=z))   # = bf16 logits, upcast
+        else:
+            z.copy_(x.to(self.mm) @ self.w_t)
+
+    def dhidden_into(self, out, z, keep):
+        """out [rows, H] <- softmax gradient z @ weight (z rounded to the weight's dtype first), ignored rows 0."""
+        if self.direct:
+            torch.mm(z, self.weight, out=out).mul_(keep)
+        elif self.widened:
+            out[...] = torch.mm(_round_bf16_(z), self.w_mm).mul_(keep)     # one rounding to bf16
+        else:
+            out[...] = (z.to(self.weight.dtype) @ self.weight) * keep
+
+
 class _LinearCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, ignore_index, chunk_elems):
@@ -72,41 +118,22 @@ class _LinearCE(torch.autograd.Function):
         # documented above; out= is not allowed under autocast).
         mm = amp if amp is not None and weight.dtype != torch.float64 else weight.dtype
         with torch.autocast(dev.type, enabled=False) if amp is not None else contextlib.nullcontext():
+            gemms = _Gemms(hidden, weight, mm, acc)
             dh = torch.empty_like(h2) if need_h else None
             dw = None          # created by the first chunk's matmul (no zero fill of a [V, H] buffer)
             total = torch.zeros((), dtype=acc, device=dev)
-            # equal chunks of at most chunk_elems // V rows: 1024 rows -> 4 x 256, not 3 x 262 + 238
-            chunks = math.ceil(n / max(1, min(n, chunk_elems // v))) if n else 1
-            rows = math.ceil(n / chunks) if n else 1
-            # One [rows, V] buffer in the compute dtype, reused by every chunk, receives the logits (written by
-            # the matmul itself when no cast is needed), then in place the log-softmax and the softmax gradient:
-            # no fresh V-wide allocation per chunk. The logits matmul's [H, V] operand is laid out per dtype.
-            # fp32/fp64: a contiguous copy, which beat MKL's transposed-B sgemm on x @ W.t() by a few percent in
-            # the full model step (bench_kernels/model.py, issue 4). bf16/fp16: the transposed view F.linear
-            # passes: on a CPU without bf16 matrix units PyTorch's fallback GEMM runs it as dot products over
-            # contiguous H, 5.7x faster than the contiguous copy at 1024 x 64 x 2048 (121 vs 691 ms, AMD EPYC
-            # family 23 AVX2, issue 15); oneDNN on bf16 CPUs and cuBLAS take either layout.
-            # widened: bf16 operands, fp32 GEMMs into the fp32 buffer, the bf16 roundings done in place
-            widened = mm == torch.bfloat16 and acc == torch.float32 and _widened_bf16_matmuls()
-            w_mm = weight.to(torch.float32 if widened else mm)            # one cast per step under autocast
-            w_t = w_mm.t().contiguous() if w_mm.dtype in (torch.float32, torch.float64) else w_mm.t()
+            # One [rows, V] buffer in the accumulation dtype, reused by every chunk, receives the logits, then in
+            # place the log-softmax and the softmax gradient: no fresh V-wide allocation per chunk.
+            _, rows = _chunking(n, v, chunk_elems)
             buf = torch.empty((rows, v), dtype=acc, device=dev)
-            direct = mm == acc and hidden.dtype == acc and weight.dtype == acc
             for r0 in range(0, n, rows):
                 r1 = min(n, r0 + rows)
-                x = h2[r0:r1]
-                lbl = flat[r0:r1]
+                x, lbl = h2[r0:r1], flat[r0:r1]
                 valid = lbl != ignore_index
                 idx = lbl.masked_fill(~valid, 0).unsqueeze(1)
                 z = buf[:r1 - r0]
-                if direct:
-                    torch.mm(x, w_t, out=z)
-                elif widened:
-                    _round_bf16_(torch.mm(x.to(torch.float32), w_t, out=z))  # = bf16 logits, upcast
-                else:
-                    z.copy_(x.to(mm) @ w_t)                               # upcast to the compute dtype
-                # one fused log-softmax pass (max, exp, sum, log in fp32), in place
-                torch.log_softmax(z, dim=-1, out=z)
+                gemms.logits_into(z, x)
+                torch.log_softmax(z, dim=-1, out=z)                       # one fused pass in fp32, in place
                 total -= (z.gather(1, idx).squeeze(1) * valid).sum()
                 if not (need_h or need_w):
                     continue
@@ -117,17 +144,9 @@ class _LinearCE(torch.autograd.Function):
                 keep = valid.unsqueeze(1)
                 if need_w:                                                # first: the widened dHidden rounds z
                     xk = x.to(acc) * keep
-                    if dw is None:
-                        dw = z.t() @ xk
-                    else:
-                        dw.addmm_(z.t(), xk)
+                    dw = z.t() @ xk if dw is None else dw.addmm_(z.t(), xk)
                 if need_h:
-                    if direct:
-                        torch.mm(z, weight, out=dh[r0:r1]).mul_(keep)
-                    elif widened:
-                        dh[r0:r1] = torch.mm(_round_bf16_(z), w_mm).mul_(keep)   # one rounding to bf16
-                    else:
-                        dh[r0:r1] = (z.to(weight.dtype) @ weight) * keep
+                    gemms.dhidden_into(dh[r0:r1], z, keep)
             if need_w and dw is None:                               # no rows at all
                 dw = torch.zeros(weight.shape, dtype=acc, device=weight.device)
         ctx.save_for_backward(dh if need_h else None, dw if need_w else None)
