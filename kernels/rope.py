@@ -11,19 +11,22 @@ Convention: Hugging Face Llama ``apply_rotary_pos_emb`` (rotate-half), with x = 
 (with HF's cos/sin = cat(freqs, freqs) this equals the forward with sin -> -sin, but the kernel does
 not rely on that).
 
-Computation: with a signed sine table s' (forward [sin2 | -sin1], backward [-sin1 | sin2]),
+Computation: with a sine table s' (forward [sin2 | sin1], backward sin itself),
     p = cast(x * cos),  r = cast(x * s')                    VectorE, two products per element
-    out = cast(p + swap_halves(r))                          TensorE identity matmuls accumulating p and
-                                                            the two halves of r (moving views) in fp32
-                                                            PSUM; ScalarE evicts PSUM to the output tile
+    forward   out = cast([p1 - r2 | p2 + r1])               TensorE matmuls accumulating p (identity) and
+    backward  dx  = cast([p1 + r2 | p2 - r1])               the two halves of r (moving views; +-identity
+                                                            stationaries carry the signs) in fp32 PSUM;
+                                                            ScalarE evicts PSUM to the output tile
 except for one position per partition in every 16 (a "slot", _slot_steps), whose products ScalarE computes:
 ScalarE multiplies only by a per-partition scale, so the slot is transposed to [D, heads, 128 positions]
 (TensorE), where cos and s' of one position are [D, 1] columns: two activations per position, each over
 the heads only (N = 8..10 < MIN_II, so 64 cycles: ~6x less efficient than VectorE per product, but ScalarE
 has the spare time); TensorE transposes the products back, adding them as above.
+The backward's s' is the loaded sine tile; the forward's half swap is two ScalarE copies per chunk (a DMA per
+half would write one tile twice: the second transfer would wait for the first, then queue behind every load).
 Numerics (casting order): the two products are rounded to the input dtype, then summed in fp32 and rounded
 once more: exactly where PyTorch in bf16 rounds (x * cos, rotate_half(x) * sin, their sum); the negation,
-the half swap and the transposes are exact. For fp32 inputs every value is fp32 (fp32 matmuls).
+the half swaps and the transposes are exact. For fp32 inputs every value is fp32 (fp32 matmuls).
 
 Layout: q [B, Hq, S, D], k [B, Hkv, S, D], cos/sin [B, S, D]. The first S0 = 128 * (S // 128) positions
 of a head are read as [128, S // 128, D] (partition p holds positions p * T .. p * T + T - 1, contiguous
@@ -31,17 +34,21 @@ in HBM), in the chunks of _plan (at T >= 32: 2 positions with 1-head first loads
 after a 64 KiB load; 5; chunks of <= 12 positions with up to 5 heads per DMA; a 3-position last chunk with
 small stores so that the stores left after the last product are short); the S - S0 leftover positions are
 one [r, 1, D] block. Loads, outputs, tables and products live in byte rings (loads run ahead); a chunk's
-cos/sin/s' are built while the previous chunk runs. cos/sin are loaded once per (b, chunk) for all q and k
-heads: minimum HBM bytes.
+cos/sin are loaded while the previous chunk runs, and its s' copies enter ScalarE's in-order queue _BUILD_AFTER
+heads after those loads (had they come right behind them, ScalarE would sit idle until the sine arrived, with
+the evictions and slot steps queued behind it: that stall left a lag of ~4 us between the products and their
+stores, whose backlog then ran 1 us past the last product's store at 7B). cos/sin are loaded once per
+(b, chunk) for all q and k heads: minimum HBM bytes.
 Why not faster (cost model, Llama 2 7B per rank, HBM floor 46.0 us): with VectorE alone the two products
 take 2 x S x D x (Hq + Hkv) / 128 cycles at 1.12 GHz = 58.5 us, plus >= 1.3 us DMA issue latency before the
 first product and after the last: <= 74.8% of the roofline. GpSimd shares VectorE's SBUF port (and is
 slower), TensorE multiplies only by per-partition scalars. The slots move 2 of 32 positions to ScalarE:
-VectorE 55.0 us, ScalarE 49.7 us (evictions 23.4 + s' 2.9 + 2 slots x 11.7); a third slot would make ScalarE
-(62 us) the bound. DMA queue time is 46.0 us + 0.21 us setup per DMA (40 DMAs: 54.5 us), so VectorE and DMA
-are both ~55 us: with the first product at >= 2.0 us and the last store >= 1.8 us after the last product,
-the cap of this design is ~58.8 us = 78%; the model gives 61.9 us = 74.4% (the DMA queues, filled in
-readiness order, let loads run ahead and leave the last stores queued: a 3.2 us tail). The 3-product (Gauss)
+VectorE 55.1 us, ScalarE 49.7 us forward (evictions 23.4 + s' 2.9 + 2 slots x 11.7; 46.8 us backward, no s'
+copies); a third slot would make ScalarE (62 us) the bound. DMA queue time is 46.0 us + 0.21 us setup per DMA
+(40 DMAs: 54.5 us), so VectorE and DMA are both ~55 us: with the first product at >= 2.0 us and the last store
+>= 1.8 us after the last product, the cap of this design is ~58.8 us = 78%; the model gives 60.9 us = 75.6%
+(VectorE from 2.0 to 58.6 us with 1.5 us of waits; last eviction 0.5 us later, then the 1.3 us DMA issue
+latency and a 0.46 us store: the DMA queues are idle when the final stores arrive). The 3-product (Gauss)
 rotation needs equal table halves and failed the 2x criterion in bf16.
 """
 from __future__ import annotations
@@ -71,6 +78,9 @@ _SLOT_MAX_HEADS = 12   # xT of one slot: heads x 128 fp32 per partition in <= 3 
 # ScalarE time one rotated head leaves free: VectorE 2 n D / 1.12 GHz minus its eviction n D / 1.4 GHz, in slot
 # steps of 2 x 64 ScalarE cycles: n D / 85.3 steps for n positions.
 _SLOT_DIV = 85
+# Rotated heads between a prefetch of the next chunk's tables and its s' copies (forward): by then the sine has
+# arrived. 0 gave 7B 61.9 us, 1 61.0 us, 2..4 60.9 us (cost model).
+_BUILD_AFTER = 2
 
 
 def _plan(T, nheads, row_bytes):
@@ -166,9 +176,10 @@ def _tview(t, s0, rows, T, j0, nt):
     return t[s0:s0 + rows * T, :].reshape((rows, T, t.shape[-1]))[:, j0:j0 + nt, :]
 
 
-def _identity(P, dt):
+def _identity(P, dt, value=1.0):
+    """value x the [P, P] identity (value -1: the negated identity that subtracts in a PSUM accumulation)."""
     ones = nl.ndarray((P, P), dtype=dt, buffer=nl.sbuf)
-    nisa.memset(dst=ones, value=1.0)
+    nisa.memset(dst=ones, value=value)
     ident = nl.ndarray((P, P), dtype=dt, buffer=nl.sbuf)
     # a = p - j == 0 on the diagonal (GpSimd affine_select, nki-spec 2.6)
     nisa.affine_select(dst=ident, pattern=[[-1, P]], channel_multiplier=1, on_true_tile=ones,
@@ -194,10 +205,11 @@ def _bank(st, rows, n, D):
 
 
 def _rotate(st, x_t, cos_t, sp_t, p_t, r_t, o_t, rows, nt, D):
-    """o_t = cast(cast(x * cos) + swap_halves(cast(x * s'))): two VectorE products, TensorE sums, ScalarE
-    eviction."""
+    """o_t = cast(cast(x * cos) +- swap_halves(cast(x * s'))): two VectorE products, TensorE sums (the signs in
+    the +-identity stationaries st["signed"]), ScalarE eviction."""
     half = D // 2
     idn = st["ident"][0:rows, 0:rows]
+    i_lo, i_hi = (st["signed"][lo][0:rows, 0:rows] for lo in (0, 1))
     pb = max(1, _PSUM_F // D)                 # positions per PSUM bank
     nisa.tensor_tensor(dst=p_t, data1=x_t, data2=cos_t, op=nl.multiply)
     nisa.tensor_tensor(dst=r_t, data1=x_t, data2=sp_t, op=nl.multiply)
@@ -205,8 +217,8 @@ def _rotate(st, x_t, cos_t, sp_t, p_t, r_t, o_t, rows, nt, D):
         n = min(pb, nt - j)
         ps = _bank(st, rows, n, D)
         nisa.nc_matmul(dst=ps, stationary=idn, moving=p_t[:, j:j + n, :], accumulate=False)
-        nisa.nc_matmul(dst=ps[:, :, 0:half], stationary=idn, moving=r_t[:, j:j + n, half:D], accumulate=True)
-        nisa.nc_matmul(dst=ps[:, :, half:D], stationary=idn, moving=r_t[:, j:j + n, 0:half], accumulate=True)
+        nisa.nc_matmul(dst=ps[:, :, 0:half], stationary=i_lo, moving=r_t[:, j:j + n, half:D], accumulate=True)
+        nisa.nc_matmul(dst=ps[:, :, half:D], stationary=i_hi, moving=r_t[:, j:j + n, 0:half], accumulate=True)
         nisa.activation(dst=o_t[:, j:j + n, :], op=nl.copy, data=ps)
 
 
@@ -218,8 +230,8 @@ def _slot_steps(st, xh, cos_t, sp_t, block, b, tag):
     ScalarE multiplies only by a per-partition scale, so the position is transposed (TensorE identity matmuls)
     to [D, heads, rows]: there one (position, d) pair is one partition row of one instruction and cos / s' are
     [D, 1] columns. Per position two activations (x * cos, x * s', rounded to the input dtype as on VectorE),
-    then TensorE transposes back and adds p + swap_halves(r) in fp32 PSUM; ScalarE evicts. Same casting order
-    as _rotate."""
+    then TensorE transposes back and adds p +- swap_halves(r) in fp32 PSUM (signed identities as moving);
+    ScalarE evicts. Same casting order as _rotate."""
     s0, rows, T, j0, nt = block[:5]
     D, ident = st["D"], st["ident"]
     half, j, nh = D // 2, nt - 1, len(xh)
@@ -239,15 +251,16 @@ def _slot_steps(st, xh, cos_t, sp_t, block, b, tag):
         nisa.activation(dst=rT[:, :, p], op=nl.copy, data=xT[:, :, p], scale=tT[0:D, rows + p:rows + p + 1])
         yield
     idd, k = ident[0:D, 0:D], 0
+    d_lo, d_hi = (st["signed"][lo][0:D, 0:D] for lo in (0, 1))
     for src, dst in st["tensors"]:
         o = _region(st["o_buf"], st["orr"], rows, (src.shape[1], 1, D))
         for h0, g in _groups(src.shape[1], (max(1, _PSUM_F // D),)):
             ps = _bank(st, rows, g, D)
             for i in range(g):
                 nisa.nc_matmul(dst=ps[:, i, :], stationary=pT[:, k, :], moving=idd, accumulate=False)
-                nisa.nc_matmul(dst=ps[:, i, 0:half], stationary=rT[:, k, :], moving=idd[:, half:D],
+                nisa.nc_matmul(dst=ps[:, i, 0:half], stationary=rT[:, k, :], moving=d_lo[:, half:D],
                                accumulate=True)
-                nisa.nc_matmul(dst=ps[:, i, half:D], stationary=rT[:, k, :], moving=idd[:, 0:half],
+                nisa.nc_matmul(dst=ps[:, i, half:D], stationary=rT[:, k, :], moving=d_hi[:, 0:half],
                                accumulate=True)
                 k += 1
             nisa.activation(dst=o[:, h0:h0 + g, 0, :], op=nl.copy, data=ps)
@@ -266,20 +279,28 @@ def _advance(st, steps):
 
 
 def _tables(st, b, block, tag, first_load=None):
-    """Load the cos and sin of a chunk and build s' (ScalarE); returns (cos tile, s' tile, tag). first_load:
-    emits the chunk's first x load between cos and sin (the first product needs x and cos only)."""
+    """Load the cos and sin of a chunk; returns (cos tile, s' tile, tag, build): build is None where s' is the
+    loaded sine (backward), else the function that emits the forward's two ScalarE copies [sin2 | sin1], for
+    the caller to place in program order. first_load: emits the chunk's first x load between cos and sin
+    (the first product needs x and cos only)."""
     s0, rows, T, j0, nt = block[:5]
     D, half = st["D"], st["D"] // 2
     cos_t = _region(st["c_buf"], st["crr"], rows, (nt, D), hold=tag)
-    sin_t = _region(st["s_buf"], st["srr"], rows, (nt, D))
     sp = _region(st["t_buf"], st["trr"], rows, (nt, D), hold=tag)
     nisa.dma_copy(dst=cos_t, src=_tview(st["cos"][b], s0, rows, T, j0, nt))
     if first_load is not None:
         first_load()
-    nisa.dma_copy(dst=sin_t, src=_tview(st["sin"][b], s0, rows, T, j0, nt))
-    for (src0, sign), d0 in st["s_halves"]:
-        nisa.activation(dst=sp[:, :, d0:d0 + half], op=nl.copy, data=sin_t[:, :, src0:src0 + half], scale=sign)
-    return cos_t, sp, tag
+    sin = _tview(st["sin"][b], s0, rows, T, j0, nt)
+    if not st["swap"]:                        # backward: s' = sin, loaded in place
+        nisa.dma_copy(dst=sp, src=sin)
+        return cos_t, sp, tag, None
+    sin_t = _region(st["s_buf"], st["srr"], rows, (nt, D))
+    nisa.dma_copy(dst=sin_t, src=sin)
+
+    def build():                              # forward: s' = [sin2 | sin1], two ScalarE copies
+        nisa.activation(dst=sp[:, :, 0:half], op=nl.copy, data=sin_t[:, :, half:D])
+        nisa.activation(dst=sp[:, :, half:D], op=nl.copy, data=sin_t[:, :, 0:half])
+    return cos_t, sp, tag, build
 
 
 def _chunk(st, b, block, nxt):
@@ -303,11 +324,15 @@ def _chunk(st, b, block, nxt):
             xh[(t, h0 + i)] = x[:, i]
 
     if st["tables"]:                          # prefetched by the previous chunk
-        cos_t, sp, tag = st["tables"].pop(0)
+        cos_t, sp, tag, build = st["tables"].pop(0)
+        if build is not None:                 # not built yet by the previous chunk
+            build()
         load(*loads[0])
     else:
         tag = []                              # holds the tables (and a slot's x tiles) until their last use
-        cos_t, sp, tag = _tables(st, b, block, tag, lambda: load(*loads[0]))
+        cos_t, sp, tag, build = _tables(st, b, block, tag, lambda: load(*loads[0]))
+        if build is not None:
+            build()
     if nxt is None:
         _advance(st, None)                    # no slot left over behind the final store
     nv = nt - 1 if slot else nt               # positions on the VectorE path
@@ -318,6 +343,7 @@ def _chunk(st, b, block, nxt):
         order = [(t, h0 + i) for t, h0, g in loads for i in range(g)]
         st["pending"].append(_slot_steps(st, [xh[k] for k in order], cos_t, sp, block, b, tag))
     rate = nv * D // _SLOT_DIV                # slot steps per rotated head
+    nrot, built_at = 0, None
     for t, h0, g in _head_groups(tensors, gs):
         o = _region(st["o_buf"], st["orr"], rows, (g, nv, D))
         for i in range(g):
@@ -327,10 +353,17 @@ def _chunk(st, b, block, nxt):
             r_t = _region(st["pr_buf"], st["prr"], rows, (nv, D))
             _rotate(st, xh[(t, h0 + i)][:, 0:nv], cos_t[:, 0:nv], sp[:, 0:nv], p_t, r_t, o[:, i], rows, nv, D)
             _advance(st, rate)
+            nrot += 1
             if nxt is not None and not st["tables"]:
-                # the next chunk's s' enters ScalarE's in-order queue now, ahead of this chunk's later
-                # evictions and slot steps, so that the next chunk's first x * s' does not wait behind them
-                st["tables"].append(_tables(st, nxt[0], nxt[1], []))
+                # the next chunk's tables are loaded after this chunk's first head; their s' copies follow
+                # _BUILD_AFTER heads later (ScalarE is in order: a copy issued at once would wait for the sine
+                # and hold up this chunk's evictions and slot steps) but ahead of this chunk's last evictions,
+                # so that the next chunk's first x * s' does not wait behind them
+                st["tables"].append(list(_tables(st, nxt[0], nxt[1], [])))
+                built_at = nrot + _BUILD_AFTER
+            if nrot == built_at and st["tables"][0][3] is not None:
+                st["tables"][0][3]()
+                st["tables"][0][3] = None
         nisa.dma_copy(dst=_view(tensors[t][1][b], s0, rows, T, j0, nv, h0, g), src=o)
     if not slot:                              # (a slot releases them once it has transposed its position)
         for ring in ("xr", "crr", "trr"):
@@ -341,13 +374,13 @@ def _chunk(st, b, block, nxt):
 def rope_kernel(q, k, cos, sin, inverse=False):
     """Rotate q and k (forward) or their gradients (inverse=True); returns (q_out, k_out) in q.dtype.
 
-    SBUF per partition: byte rings (x, out 48 KiB each, cos/sin/s' 24 KiB, products 24 KiB), identity and the
-    slot products (2 x heads x 256 B) -> <= 151 KiB. PSUM: _NBANK banks + slot transposes (<= 4 banks).
+    SBUF per partition: byte rings (x, out 48 KiB each, cos/sin/s' 36 KiB, products 24 KiB), the +-identities
+    and the slot products (2 x heads x 128 x itemsize) -> <= 163 KiB (12 heads, bf16). PSUM: _NBANK banks + slot
+    transposes (<= 4 banks).
     """
     B, Hq, S, D = q.shape
     Hkv = k.shape[1]
     P = nl.tile_size.pmax
-    half = D // 2
     dt = q.dtype
     f32 = nl.float32
     q_out = nl.ndarray(q.shape, dtype=dt, buffer=nl.shared_hbm)
@@ -359,11 +392,12 @@ def rope_kernel(q, k, cos, sin, inverse=False):
               pending=[], tables=[],
               x_buf=nl.ndarray((P, _X_BYTES // it), dtype=dt, buffer=nl.sbuf), xr=[0, _X_BYTES // it, []],
               o_buf=nl.ndarray((P, _O_BYTES // it), dtype=dt, buffer=nl.sbuf), orr=[0, _O_BYTES // it, []],
-              t_buf=nl.ndarray((P, _T_BYTES // 3 // it), dtype=dt, buffer=nl.sbuf), trr=[0, _T_BYTES // 3 // it, []],
-              c_buf=nl.ndarray((P, _T_BYTES // 3 // ct), dtype=cos.dtype, buffer=nl.sbuf),
-              crr=[0, _T_BYTES // 3 // ct, []],
+              t_buf=nl.ndarray((P, _T_BYTES // 3 // sit), dtype=sin.dtype, buffer=nl.sbuf),
+              trr=[0, _T_BYTES // 3 // sit, []],
               s_buf=nl.ndarray((P, _T_BYTES // 3 // sit), dtype=sin.dtype, buffer=nl.sbuf),
               srr=[0, _T_BYTES // 3 // sit, []],
+              c_buf=nl.ndarray((P, _T_BYTES // 3 // ct), dtype=cos.dtype, buffer=nl.sbuf),
+              crr=[0, _T_BYTES // 3 // ct, []],
               pr_buf=nl.ndarray((P, _PR_BYTES // it), dtype=dt, buffer=nl.sbuf), prr=[0, _PR_BYTES // it, []],
               banks=[nl.ndarray((P, _PSUM_F), dtype=f32, buffer=nl.psum) for _ in range(_NBANK)])
     if any(blk[-1] for blk in blocks):
@@ -372,9 +406,11 @@ def rope_kernel(q, k, cos, sin, inverse=False):
                   tT=nl.ndarray((P, 2 * P), dtype=f32, buffer=nl.psum),
                   pT=nl.ndarray((P, nh * P), dtype=dt, buffer=nl.sbuf),
                   rT=nl.ndarray((P, nh * P), dtype=dt, buffer=nl.sbuf))
-    # s' = [sin2 | -sin1] (forward) or [-sin1 | sin2] (backward): (source half, sign) per destination half.
-    s_lo, s_hi = ((0, -1.0), (half, 1.0)) if inverse else ((half, 1.0), (0, -1.0))
-    st["s_halves"] = ((s_lo, 0), (s_hi, half))
+    # r = x * s' with s' = [sin2 | sin1] (forward) or sin (backward); the signs are the identities that add r's
+    # halves into the low / high output half: forward out1 = p1 - r2, out2 = p2 + r1; backward dx1 = p1 + r2,
+    # dx2 = p2 - r1.
+    neg = _identity(P, dt, -1.0)
+    st.update(swap=not inverse, signed=(st["ident"], neg) if inverse else (neg, st["ident"]))
     work = [(b, block) for b in range(B) for block in blocks]
     for n, (b, block) in enumerate(work):
         _chunk(st, b, block, work[n + 1] if n + 1 < len(work) else None)
