@@ -216,9 +216,11 @@ def rms_norm_bwd_kernel(dy, x, w, rstd):
         128-column block b (fp32 PSUM across all row tiles) and p[:, b].T into PSUM (nc_transpose); ScalarE
         copies the transposed blocks to SBUF; TensorE s += p[:, b] @ w[b] (the transposed block as stationary,
         w's column block as moving), issued one unit late so that TensorE does not wait on the copy. After the
-        last unit, ScalarE builds diag(c_hi), diag(c_lo) from c = -rstd^2 * s / H (bf16 hi + lo).
-      stage B, per 512-column bank: PSUM D = I @ g + diag(c_hi) @ x + diag(c_lo) @ x (TensorE, fp32
-        accumulation), dx = rstd * D (ScalarE, rounded once to x.dtype); stores of up to 8 KiB per partition.
+        last unit, ScalarE builds the diagonals diag(c_k) of the bf16 pieces c_k of c = -rstd^2 * s / H (fp32;
+        see Sums for how many pieces).
+      stage B, per 512-column bank: PSUM D = I @ g + sum_k diag(c_k) @ x (TensorE, bf16 operands, each product
+        exact, fp32 accumulation), dx = rstd * D (ScalarE, fp32, rounded once to x.dtype); stores of up to 8 KiB
+        per partition.
     Program order interleaves stage A of row tile t + 1 with stage B of tile t unit by unit, so that each
     in-order engine queue alternates between the two tiles and the diagonals of tile t are built (at the end
     of its stage A) before stage B of t needs them. Loads: full row tiles in pairs (one DMA per tensor and
@@ -228,7 +230,15 @@ def rms_norm_bwd_kernel(dy, x, w, rstd):
     the roundings of p and g, which the projection term mostly cancels for wide rows; a row of one unit
     (H <= 1024 at bf16, 512 at fp32) takes s = sum(g * x) from VectorE instead (fp32 products of the rounded
     g, exact), which keeps dx within 2x PyTorch's error at H = 1 (measured: the p-based sum broke it at
-    H <= 3 and matched PyTorch's error from H ~ 24 on). dw over the rows of a tile in one fp32 matmul, then
+    H <= 3 and matched PyTorch's error from H ~ 24 on). c reaches the bf16 matmuls of stage B in pieces
+    c = c_0 + c_1 (+ c_2), c_0 = bf16(c), c_k = bf16(c - c_0 - .. - c_{k-1}) (each remainder exact in fp32):
+    with the exact s three pieces (all 24 bits of c: D = g + c * x cancels to ~eps / x^2 of g at H = 1, or
+    wherever g is parallel to x, and two pieces, ~16 bits, left an error ~2^-17 * rstd * |g| against
+    PyTorch's few fp32 ulps: 9.7x the bound at bf16 H = 1, tests/test_kernel_rmsnorm.py, cancellation
+    tests); with the p-based s two pieces, as the s error (~2^-9 / sqrt(H) relative) is far above 2^-17
+    (known defect there: dx ~ 0 with g parallel to x stays 475-600x the bound, xfail test of that file).
+    Cost of the third piece: one more K = rows matmul per 512-column bank and three [P, 1] ScalarE steps per
+    tile, only for rows of one unit (none of the Llama shapes). dw over the rows of a tile in one fp32 matmul, then
     across tiles in fp32 PSUM, of bf16(dy * x) * rstd (one rounding of the product; PyTorch's bf16 autograd
     rounds dy * bf16(x_hat)). At fp32 every product and sum is fp32 (no hi/lo split).
     SBUF per partition (interpreter peak): 7B (H = 4096 bf16) w 8 KiB + pairs, rings x 8, dy 6, g 2 (128
@@ -272,6 +282,9 @@ def rms_norm_bwd_kernel(dy, x, w, rstd):
     # row sums s of tiles t and t + 1; rows of one unit take s = sum(g * x) from VectorE (docstring: Sums)
     exact_s = hidden <= unit
     s_acc = nl.ndarray((P, 2), dtype=f32, buffer=nl.sbuf if exact_s else nl.psum)
+    # bf16 pieces of c on the diagonals of stage B (docstring: Sums): 3 (all 24 bits) with the exact s, 2 (~16 bits,
+    # below the error of the p-based s) otherwise; fp32: c itself
+    n_c = 1 if dt == f32 else (3 if exact_s else 2)
 
     consts = []
     if n_full:
@@ -350,19 +363,22 @@ def rms_norm_bwd_kernel(dy, x, w, rstd):
         diags[t] = diagonals(t, rows)
 
     def diagonals(t, rows):
-        """[diag(c_hi), diag(c_lo)] (bf16) or [diag(c)] (fp32) with c = -rstd^2 * s / H of row tile t."""
+        """diag of each bf16 piece of c = -rstd^2 * s / H of row tile t (n_c pieces, docstring: Sums), or [diag(c)]
+        at fp32. Pieces: c_0 = bf16(c), r_1 = c - c_0 (fp32, exact), c_1 = bf16(r_1), r_2 = r_1 - c_1, c_2 = bf16(r_2);
+        each r_k is exact in fp32 and three pieces of 8 bits hold all 24 bits of c."""
         c = nl.ndarray((P, 1), dtype=f32, buffer=nl.sbuf)
         nisa.activation(dst=c[0:rows, :], op=nl.copy, data=s_acc[0:rows, t % 2:t % 2 + 1], scale=consts[t][2])
-        out = [nl.ndarray((P, P), dtype=dt, buffer=nl.sbuf) for _ in range(nr)]
-        nisa.activation(dst=out[0][0:rows, 0:rows], op=nl.copy, data=ident[0:rows, 0:rows], scale=c[0:rows, :])
-        if nr == 2:
-            # c_lo = c - bf16(c): the bf16 diagonal alone would round c by up to 2^-9
-            c_hi = nl.ndarray((P, 1), dtype=dt, buffer=nl.sbuf)
-            nisa.activation(dst=c_hi[0:rows, :], op=nl.copy, data=c[0:rows, :])
-            c_lo = nl.ndarray((P, 1), dtype=f32, buffer=nl.sbuf)
-            nisa.activation(dst=c_lo[0:rows, :], op=nl.copy, data=c_hi[0:rows, :], scale=-1.0, bias=c[0:rows, :])
-            nisa.activation(dst=out[1][0:rows, 0:rows], op=nl.copy, data=ident[0:rows, 0:rows],
-                            scale=c_lo[0:rows, :])
+        out = [nl.ndarray((P, P), dtype=dt, buffer=nl.sbuf) for _ in range(n_c)]
+        r = c
+        for k in range(n_c):
+            # the diagonal ident * r rounds r once to dt: piece c_k on the diagonal
+            nisa.activation(dst=out[k][0:rows, 0:rows], op=nl.copy, data=ident[0:rows, 0:rows], scale=r[0:rows, :])
+            if k + 1 < n_c:
+                c_k = nl.ndarray((P, 1), dtype=dt, buffer=nl.sbuf)
+                nisa.activation(dst=c_k[0:rows, :], op=nl.copy, data=r[0:rows, :])
+                r_next = nl.ndarray((P, 1), dtype=f32, buffer=nl.sbuf)
+                nisa.activation(dst=r_next[0:rows, :], op=nl.copy, data=c_k[0:rows, :], scale=-1.0, bias=r[0:rows, :])
+                r = r_next
         return out
 
     def stage_b(t):
