@@ -24,9 +24,12 @@ the heads only (N = 8..10 < MIN_II, so 64 cycles: ~6x less efficient than Vector
 has the spare time); TensorE transposes the products back, adding them as above.
 The backward's s' is the loaded sine tile; the forward's half swap is two ScalarE copies per chunk (a DMA per
 half would write one tile twice: the second transfer would wait for the first, then queue behind every load).
-Numerics (casting order): the two products are rounded to the input dtype, then summed in fp32 and rounded
-once more: exactly where PyTorch in bf16 rounds (x * cos, rotate_half(x) * sin, their sum); the negation,
-the half swaps and the transposes are exact. For fp32 inputs every value is fp32 (fp32 matmuls).
+Numerics (casting order): all bf16 (x, cos, sin): the two products are rounded to bf16, then summed in fp32
+and rounded once more: exactly where PyTorch in bf16 rounds (x * cos, rotate_half(x) * sin, their sum). As soon
+as any of x, cos, sin is fp32 the products are fp32 (fp32 matmuls): the output is computed in fp32 and rounded
+once to x's dtype (kernels.ops.apply_rope); fp32 tables are kept fp32 (never rounded to bf16), bf16 tables
+with fp32 x are used as given (exact in fp32). The negation, the half swaps and the transposes are exact
+(each slot transpose pairs its operand with an identity of the same dtype: TensorE takes fp32 only with fp32).
 
 Layout: q [B, Hq, S, D], k [B, Hkv, S, D], cos/sin [B, S, D]. The first S0 = 128 * (S // 128) positions
 of a head are read as [128, S // 128, D] (partition p holds positions p * T .. p * T + T - 1, contiguous
@@ -208,7 +211,7 @@ def _rotate(st, x_t, cos_t, sp_t, p_t, r_t, o_t, rows, nt, D):
     """o_t = cast(cast(x * cos) +- swap_halves(cast(x * s'))): two VectorE products, TensorE sums (the signs in
     the +-identity stationaries st["signed"]), ScalarE eviction."""
     half = D // 2
-    idn = st["ident"][0:rows, 0:rows]
+    idn = st["ident"][st["pt"]][0:rows, 0:rows]
     i_lo, i_hi = (st["signed"][lo][0:rows, 0:rows] for lo in (0, 1))
     pb = max(1, _PSUM_F // D)                 # positions per PSUM bank
     nisa.tensor_tensor(dst=p_t, data1=x_t, data2=cos_t, op=nl.multiply)
@@ -235,12 +238,14 @@ def _slot_steps(st, xh, cos_t, sp_t, block, b, tag):
     s0, rows, T, j0, nt = block[:5]
     D, ident = st["D"], st["ident"]
     half, j, nh = D // 2, nt - 1, len(xh)
-    idn = ident[0:rows, 0:rows]
     xT, tT = st["xT"][0:D, 0:nh * rows].reshape((D, nh, rows)), st["tT"]
     pT = st["pT"][0:D, 0:nh * rows].reshape((D, nh, rows))
     rT = st["rT"][0:D, 0:nh * rows].reshape((D, nh, rows))
-    nisa.nc_matmul(dst=tT[0:D, 0:rows], stationary=cos_t[:, j, :], moving=idn, accumulate=False)
-    nisa.nc_matmul(dst=tT[0:D, rows:2 * rows], stationary=sp_t[:, j, :], moving=idn, accumulate=False)
+    # each transpose's identity has its operand's dtype (TensorE pairs fp32 only with fp32): exact for both
+    for c, tab in enumerate((cos_t, sp_t)):
+        nisa.nc_matmul(dst=tT[0:D, c * rows:(c + 1) * rows], stationary=tab[:, j, :],
+                       moving=ident[tab.dtype][0:rows, 0:rows], accumulate=False)
+    idn = ident[st["dt"]][0:rows, 0:rows]
     for k, x in enumerate(xh):
         nisa.nc_matmul(dst=xT[:, k, :], stationary=x[:, j, :], moving=idn, accumulate=False)
     for ring in ("xr", "crr", "trr"):         # the loaded tiles are consumed (program order)
@@ -250,7 +255,7 @@ def _slot_steps(st, xh, cos_t, sp_t, block, b, tag):
         nisa.activation(dst=pT[:, :, p], op=nl.copy, data=xT[:, :, p], scale=tT[0:D, p:p + 1])
         nisa.activation(dst=rT[:, :, p], op=nl.copy, data=xT[:, :, p], scale=tT[0:D, rows + p:rows + p + 1])
         yield
-    idd, k = ident[0:D, 0:D], 0
+    idd, k = ident[st["pt"]][0:D, 0:D], 0
     d_lo, d_hi = (st["signed"][lo][0:D, 0:D] for lo in (0, 1))
     for src, dst in st["tensors"]:
         o = _region(st["o_buf"], st["orr"], rows, (src.shape[1], 1, D))
@@ -375,9 +380,9 @@ def rope_kernel(q, k, cos, sin, inverse=False):
     """Rotate q and k (forward) or their gradients (inverse=True); returns (q_out, k_out) in q.dtype.
 
     SBUF per partition: byte rings (x, out 48 KiB each, cos/sin/s' 36 KiB, products 24 KiB), the +-identities
-    and the slot products (2 x heads x 128 x itemsize) -> <= 163 KiB (12 heads, bf16). PSUM: _NBANK banks + slot
-    transposes (<= 4 banks).
-    """
+    and the slot products (2 x heads x 128 x product itemsize) -> <= 163 KiB (12 heads, bf16; 170 KiB when x or a
+    table is fp32: fp32 slot products, up to 3 identities). PSUM: _NBANK banks + slot transposes (<= 4
+    banks)."""
     B, Hq, S, D = q.shape
     Hkv = k.shape[1]
     P = nl.tile_size.pmax
@@ -388,8 +393,11 @@ def rope_kernel(q, k, cos, sin, inverse=False):
     it = dt.itemsize
     ct, sit = cos.dtype.itemsize, sin.dtype.itemsize
     blocks = _blocks(S, P, Hq + Hkv, D * max(it, ct, sit))
-    st = dict(D=D, dt=dt, cos=cos, sin=sin, tensors=((q, q_out), (k, k_out)), ident=_identity(P, dt), bank=0,
-              pending=[], tables=[],
+    # products (and their sums' stationaries) in fp32 as soon as any operand is fp32: an fp32 table is never
+    # rounded to bf16, and bf16 x * fp32 table is summed in fp32 and rounded once (all-bf16: bf16 products)
+    pt = f32 if f32 in (dt, cos.dtype, sin.dtype) else dt
+    st = dict(D=D, dt=dt, pt=pt, cos=cos, sin=sin, tensors=((q, q_out), (k, k_out)),
+              ident={dt: _identity(P, dt)}, bank=0, pending=[], tables=[],
               x_buf=nl.ndarray((P, _X_BYTES // it), dtype=dt, buffer=nl.sbuf), xr=[0, _X_BYTES // it, []],
               o_buf=nl.ndarray((P, _O_BYTES // it), dtype=dt, buffer=nl.sbuf), orr=[0, _O_BYTES // it, []],
               t_buf=nl.ndarray((P, _T_BYTES // 3 // sit), dtype=sin.dtype, buffer=nl.sbuf),
@@ -398,19 +406,26 @@ def rope_kernel(q, k, cos, sin, inverse=False):
               srr=[0, _T_BYTES // 3 // sit, []],
               c_buf=nl.ndarray((P, _T_BYTES // 3 // ct), dtype=cos.dtype, buffer=nl.sbuf),
               crr=[0, _T_BYTES // 3 // ct, []],
-              pr_buf=nl.ndarray((P, _PR_BYTES // it), dtype=dt, buffer=nl.sbuf), prr=[0, _PR_BYTES // it, []],
+              pr_buf=nl.ndarray((P, _PR_BYTES // pt.itemsize), dtype=pt, buffer=nl.sbuf),
+              prr=[0, _PR_BYTES // pt.itemsize, []],
               banks=[nl.ndarray((P, _PSUM_F), dtype=f32, buffer=nl.psum) for _ in range(_NBANK)])
-    if any(blk[-1] for blk in blocks):
+    slots = any(blk[-1] for blk in blocks)
+    if slots:
         nh = Hq + Hkv
         st.update(xT=nl.ndarray((P, nh * P), dtype=f32, buffer=nl.psum),
                   tT=nl.ndarray((P, 2 * P), dtype=f32, buffer=nl.psum),
-                  pT=nl.ndarray((P, nh * P), dtype=dt, buffer=nl.sbuf),
-                  rT=nl.ndarray((P, nh * P), dtype=dt, buffer=nl.sbuf))
+                  pT=nl.ndarray((P, nh * P), dtype=pt, buffer=nl.sbuf),
+                  rT=nl.ndarray((P, nh * P), dtype=pt, buffer=nl.sbuf))
     # r = x * s' with s' = [sin2 | sin1] (forward) or sin (backward); the signs are the identities that add r's
     # halves into the low / high output half: forward out1 = p1 - r2, out2 = p2 + r1; backward dx1 = p1 + r2,
     # dx2 = p2 - r1.
-    neg = _identity(P, dt, -1.0)
-    st.update(swap=not inverse, signed=(st["ident"], neg) if inverse else (neg, st["ident"]))
+    neg = _identity(P, pt, -1.0)
+    # identities of the other dtypes only where needed (all-bf16 emits just the two above)
+    for t in (pt,) + ((cos.dtype, sin.dtype) if slots else ()):
+        if t not in st["ident"]:
+            st["ident"][t] = _identity(P, t)
+    one = st["ident"][pt]
+    st.update(swap=not inverse, signed=(one, neg) if inverse else (neg, one))
     work = [(b, block) for b in range(B) for block in blocks]
     for n, (b, block) in enumerate(work):
         _chunk(st, b, block, work[n + 1] if n + 1 < len(work) else None)

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from kernels import ops, rope
+from kernels import ops, reference, rope
 from kernels.sim import trace
 from kernel_helpers import DTYPES, assert_close_2x, hf_cos_sin, randn
 
@@ -108,6 +108,59 @@ def test_scalar_slots_with_batches_leftover_and_arbitrary_tables():
     q_rot, k_rot = rope.rope_fwd(q, k, cos, sin)
     dq, dk = rope.rope_bwd(dq_up, dk_up, cos, sin)
     check_all(q, k, cos, sin, dq_up, dk_up, (q_rot, k_rot, dq, dk), "slots ")
+
+
+_BF, _F32 = torch.bfloat16, torch.float32
+# (x, cos, sin) dtypes: every accepted combination that is not one dtype throughout
+_MIXED = [(_BF, _F32, _F32), (_F32, _BF, _BF), (_BF, _F32, _BF), (_BF, _BF, _F32), (_F32, _F32, _BF),
+          (_F32, _BF, _F32)]
+
+
+def check_mixed(q, k, cos, sin, dq_up, dk_up, outs, prefix):
+    """check_all for tables whose dtype differs from q's. Truth: kernels.reference (apply_rope_ref,
+    rope_bwd_ref) in float64; the low-precision comparator is the same reference on the given dtypes, i.e. the
+    numerics kernels.ops.apply_rope documents (fp32 compute, one rounding to q's dtype): stricter than HF in
+    bf16, which rounds each product (and HF on mixed dtypes promotes the output to fp32)."""
+    d64 = [t.double() for t in (q, k, cos, sin, dq_up, dk_up)]
+    ref64 = reference.apply_rope_ref(*d64[:4]) + reference.rope_bwd_ref(*d64[4:], *d64[2:4])
+    ref_lp = reference.apply_rope_ref(q, k, cos, sin) + reference.rope_bwd_ref(dq_up, dk_up, cos, sin)
+    table = (cos.double().abs() + sin.double().abs()).max().item()
+    scales = [t.double().abs().max().item() * table for t in (q, k, dq_up, dk_up)]
+    for name, out, r64, rlp, sc in zip(("q_rot", "k_rot", "dq", "dk"), outs, ref64, ref_lp, scales):
+        assert_close_2x(prefix + name, out, r64, rlp, sc)
+
+
+def mixed_inputs(b, hq, hkv, s, d, dtypes, seed, hf_tables):
+    xd, cd, sd = dtypes
+    q, k, cos, sin, dq_up, dk_up = make_inputs(b, hq, hkv, s, d, torch.float64, seed, hf_tables)
+    return q.to(xd), k.to(xd), cos.to(cd), sin.to(sd), dq_up.to(xd), dk_up.to(xd)
+
+
+@pytest.mark.parametrize("dtypes", _MIXED, ids=lambda t: "/".join(str(x)[6:] for x in t))
+@pytest.mark.parametrize("b,hq,hkv,s,d,hf_tables", [(1, 2, 1, 4096, 64, True), (2, 2, 2, 4096 + 37, 128, False)],
+                         ids=["slots-d64", "no-slots-d128-leftover"])
+def test_mixed_table_dtypes_at_long_sequences(dtypes, b, hq, hkv, s, d, hf_tables):
+    """cos/sin in another dtype than q/k (each of q, cos, sin bf16 or fp32) at S = 4096, where the ScalarE
+    slot path runs at D <= 64 (row bytes <= 256 even with fp32): its TensorE transposes of the tables paired
+    an fp32 table with q's bf16 identity (or a bf16 table with fp32's), which the interpreter rejects
+    (matmul.fp32_pair). D = 128 takes the VectorE-only path (slots off: fp32 rows are 512 bytes), with two
+    batch rows, a leftover block and arbitrary tables."""
+    q, k, cos, sin, dq_up, dk_up = mixed_inputs(b, hq, hkv, s, d, dtypes, 11, hf_tables)
+    q_rot, k_rot = rope.rope_fwd(q, k, cos, sin)
+    dq, dk = rope.rope_bwd(dq_up, dk_up, cos, sin)
+    check_mixed(q, k, cos, sin, dq_up, dk_up, (q_rot, k_rot, dq, dk), "mixed ")
+
+
+@pytest.mark.parametrize("dtypes", _MIXED[:2], ids=["bf16-x-fp32-tables", "fp32-x-bf16-tables"])
+def test_op_mixed_table_dtypes_sim_backend(dtypes):
+    """The same through kernels.ops.apply_rope (backend "sim", autograd; [S, D] tables) on the slot path."""
+    q, k, cos, sin, dq_up, dk_up = mixed_inputs(1, 2, 1, 4096, 64, dtypes, 5, True)
+    qk = q.clone().requires_grad_(True)
+    kk = k.clone().requires_grad_(True)
+    with ops.use_backend("sim"):
+        q_rot, k_rot = ops.apply_rope(qk, kk, cos[0], sin[0])
+        torch.autograd.backward((q_rot, k_rot), (dq_up, dk_up))
+    check_mixed(q, k, cos, sin, dq_up, dk_up, (q_rot.detach(), k_rot.detach(), qk.grad, kk.grad), "op mixed ")
 
 
 @pytest.mark.parametrize("bad", ["dtype", "head_dim_odd", "head_dim_big", "k_shape", "k_dtype", "table_shape"])
