@@ -367,7 +367,10 @@ def apply_rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, 
     """Rotary embedding of q [B,Hq,S,D] and k [B,Hkv,S,D] with cos/sin [S,D], [1,S,D] or [B,S,D].
 
     Hugging Face ``apply_rotary_pos_emb`` (rotate-half) semantics with its default unsqueeze over heads;
-    outputs in the dtypes of q and k, computed in fp32 and rounded once. head_dim must be even and <= 128.
+    outputs in the dtypes of q and k. head_dim must be even and <= 128. Rounding: ``reference`` computes in the
+    compute dtype and rounds once; the sim/nki kernel (kernels/rope.py) with all of q, cos, sin in bf16 rounds the
+    two products to bf16 and their fp32 sum once (where PyTorch in bf16 rounds), and with any fp32 operand
+    computes in fp32 and rounds once.
     """
     backend = get_backend(q, k, cos, sin)
     for name, t in (("q", q), ("k", k), ("cos", cos), ("sin", sin)):

@@ -89,7 +89,8 @@ def apply_rope_ref(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
     cos/sin are [S, D] or [B, S, D] (or [1, S, D]) and broadcast over heads (and batch).
         out = x * cos + rotate_half(x) * sin
     computed in the compute dtype and rounded once to x.dtype (PyTorch in bf16 would round after each
-    product and after the sum; this is the more accurate value and the one the NKI kernel produces).
+    product and after the sum; this is the more accurate value; the NKI kernel rounds like PyTorch when q, cos
+    and sin are all bf16, and like this reference when any of them is fp32).
     """
     return _rotate(q, cos, sin, False), _rotate(k, cos, sin, False)
 
