@@ -374,6 +374,25 @@ def test_clear_mm_flags_helper():
             k(np.ones((32, 32), np.float32))
 
 
+@pytest.mark.parametrize("view", ["bank_slice", "transposed", "step2", "3d_slice"])
+def test_bf16_bits_on_strided_views(view):
+    """dtypes._bf16_bits copies a non-C-contiguous input to C order first: the same bits as ml_dtypes' conversion of
+    the view (NaN -> sign | 0x7FC0, ties to even, overflow to Inf), and the input left unchanged."""
+    u = (np.arange(128 * 3 * 160, dtype=np.uint64) * 2654435761 % (1 << 32)).astype(U32)
+    u[:8] = [0x7F800001, 0xFF800001, 0x7FC00000, 0x3F808000, 0x3F818000, 0x7F7FFFFF, 0x80000000, 0x00008000]
+    big = u.view(np.float32).reshape(128, 3, 160)
+    v = {"bank_slice": big[:, 1, :], "transposed": big[:, 0, 0:128].T, "step2": big[:, 0, ::2],
+         "3d_slice": big[:, 0:2, 0:100]}[view]
+    assert not v.flags.c_contiguous
+    before = v.copy()
+    got = dt._bf16_bits(v).astype(U16).view(BF16)
+    _bits_equal(got, _ref_bf16(np.ascontiguousarray(v)))
+    _bits_equal(v, before)
+    out = np.zeros(v.shape, BF16)
+    dt.cast_into(out, v, dt.bfloat16)
+    _bits_equal(out, _ref_bf16(np.ascontiguousarray(v)))
+
+
 # ------------------------------------------------------------------------------------------------ views, trace
 def _outcome(f, key):
     try:
