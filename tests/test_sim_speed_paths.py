@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from kernels.sim import dtypes as dt
 from kernels.sim import engines, isa, tensor, trace
 from kernels.sim.tensor import DynSlice
-from sim_helpers import nisa, nl
+from sim_helpers import nisa, nl, nl_dt
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 U16, U32 = np.dtype(np.uint16), np.dtype(np.uint32)
@@ -277,6 +277,120 @@ def test_matmul_accumulate_into_aliasing_view(accumulate):
     r = np.matmul(a.T, b)
     want = (r[:, 2] + r[:, 2]).reshape(4, 1)          # first write leaves column 2's value; then out + res, last wins
     _bits_equal(np.asarray(k(a, b)), want.astype(np.float32))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, BF16])
+@pytest.mark.parametrize("layout", ["bank_slice", "strided_rows", "inner_stride_2", "vector_m1", "vector_n1", "3d"])
+@pytest.mark.parametrize("accumulate", [False, None])
+def test_matmul_overwrite_straight_into_psum(dtype, layout, accumulate):
+    """nc_matmul overwrites (accumulate=False, or None on never-matmul-written elements) with the product written
+    straight into the PSUM view when isa._gemm_out_ok allows it (C-blasable 2-d view), through a temporary
+    otherwise: the same bits as np.matmul into a fresh array either way, close to the float64 product, the rest of
+    the PSUM tile untouched (still NaN), and the elements flagged as matmul-written (accumulate=True then adds)."""
+    from kernels.sim import nki
+
+    rng = np.random.default_rng(3)
+    (m, n), kk = {"vector_m1": (1, 40), "vector_n1": (24, 1)}.get(layout, (24, 40)), 17
+    a = rng.standard_normal((kk, m)).astype(np.float32).astype(dtype)
+    b = rng.standard_normal((kk, n)).astype(np.float32).astype(dtype)
+    a[0, 0], b[1, 0] = -0.0, np.inf if m > 1 and n > 1 else b[1, 0]
+    views = {"bank_slice": lambda ps: ps[0:m, 1, 0:n], "strided_rows": lambda ps: ps[0:m, 2, 10:10 + n],
+             "inner_stride_2": lambda ps: ps[0:m, 0, 0:2 * n:2], "vector_m1": lambda ps: ps[0:m, 2, 3:3 + n],
+             "vector_n1": lambda ps: ps[0:m, 1, 5:5 + n],
+             "3d": lambda ps: ps[0:m, 0, 0:n].reshape((m, 4, n // 4))}
+    sl = views[layout]
+
+    @nki.jit
+    def k(a_h, b_h):
+        out = nl.ndarray((m, 3, 128), dtype=nl.float32, buffer=nl.shared_hbm)
+        at = nl.ndarray((kk, m), dtype=nl_dt(dtype), buffer=nl.sbuf)
+        bt = nl.ndarray((kk, n), dtype=nl_dt(dtype), buffer=nl.sbuf)
+        nisa.dma_copy(dst=at, src=a_h)
+        nisa.dma_copy(dst=bt, src=b_h)
+        ps = nl.ndarray((m, 3, 128), dtype=nl.float32, buffer=nl.psum)
+        d = sl(ps)
+        nisa.nc_matmul(dst=d, stationary=at, moving=bt, accumulate=accumulate)
+        nisa.nc_matmul(dst=d, stationary=at, moving=bt, accumulate=True)      # needs the matmul-written flags
+        res = nl.ndarray((m, 3, 128), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.tensor_copy(dst=res, src=ps)
+        nisa.dma_copy(dst=out, src=res)
+        return out
+
+    got = np.asarray(k(a, b))
+    r = np.matmul(a.astype(np.float32).T, b.astype(np.float32))           # fresh C-contiguous result
+    r = r + r
+    want = np.full((m, 3, 128), np.nan, np.float32)
+    idx = {"bank_slice": (slice(0, m), 1, slice(0, n)), "strided_rows": (slice(0, m), 2, slice(10, 10 + n)),
+           "inner_stride_2": (slice(0, m), 0, slice(0, 2 * n, 2)), "vector_m1": (slice(0, m), 2, slice(3, 3 + n)),
+           "vector_n1": (slice(0, m), 1, slice(5, 5 + n)), "3d": (slice(0, m), 0, slice(0, n))}[layout]
+    want[idx] = r
+    _bits_equal(got, want)
+    ref = 2 * (a.astype(np.float64).T @ b.astype(np.float64))
+    fin = np.isfinite(ref)
+    np.testing.assert_allclose(got[idx][fin], ref[fin], rtol=1e-5, atol=1e-5)
+
+
+def test_gemm_out_ok():
+    f = np.zeros((8, 3, 64), np.float32)
+    assert isa._gemm_out_ok(f[:, 1, :], 8, 64) and isa._gemm_out_ok(f[:, 0, 0:10], 8, 10)
+    assert not isa._gemm_out_ok(f[:, 0, ::2], 8, 32)                       # inner stride 2
+    assert not isa._gemm_out_ok(f[0:1, 0, :], 1, 64) and not isa._gemm_out_ok(f[:, 0, 0:1], 8, 1)
+    assert not isa._gemm_out_ok(f[:, 0:2, 0:4], 8, 8)                      # 3-d view
+    assert not isa._gemm_out_ok(f[:, 0, :].T, 64, 8)                       # column-major
+
+
+def test_disjoint_memo_matches_definition():
+    for shape, strides in (((128, 512), (512, 1)), ((128, 4), (512, 0)), ((4, 3, 2), (6, 2, 1)), ((4, 3), (1, 1))):
+        assert isa._disjoint(shape, strides) == isa._disjoint_of(shape, strides)
+        assert isa._disjoint(shape, strides) == isa._disjoint(shape, strides)
+
+
+def test_clear_mm_flags_helper():
+    """engines.clear_mm_flags: every later accumulate=True matmul into an element written by another instruction
+    is refused (the flags were cleared), for each instruction that used the inlined two-line pattern."""
+    from kernels.sim import nki, ConstraintError
+
+    writers = {
+        "tensor_copy": lambda d, s_: nisa.tensor_copy(dst=d, src=s_),
+        "memset": lambda d, s_: nisa.memset(dst=d, value=0.0),
+        "activation_copy": lambda d, s_: nisa.activation(dst=d, op=nl.copy, data=s_),
+        "transpose": lambda d, s_: nisa.nc_transpose(dst=d, data=s_, engine=nisa.engine.vector),
+    }
+    for wname, w in writers.items():
+        @nki.jit
+        def k(a_h, w=w):
+            out = nl.ndarray((32, 32), dtype=nl.float32, buffer=nl.shared_hbm)
+            at = nl.ndarray((32, 32), dtype=nl.float32, buffer=nl.sbuf)
+            nisa.dma_copy(dst=at, src=a_h)
+            ps = nl.ndarray((32, 32), dtype=nl.float32, buffer=nl.psum)
+            nisa.nc_matmul(dst=ps, stationary=at, moving=at, accumulate=False)
+            w(ps[0:32, 0:32], at)
+            nisa.nc_matmul(dst=ps, stationary=at, moving=at, accumulate=True)
+            res = nl.ndarray((32, 32), dtype=nl.float32, buffer=nl.sbuf)
+            nisa.tensor_copy(dst=res, src=ps)
+            nisa.dma_copy(dst=out, src=res)
+            return out
+        with pytest.raises(ConstraintError, match="matmul.accumulate"):
+            k(np.ones((32, 32), np.float32))
+
+
+@pytest.mark.parametrize("view", ["bank_slice", "transposed", "step2", "3d_slice"])
+def test_bf16_bits_on_strided_views(view):
+    """dtypes._bf16_bits copies a non-C-contiguous input to C order first: the same bits as ml_dtypes' conversion of
+    the view (NaN -> sign | 0x7FC0, ties to even, overflow to Inf), and the input left unchanged."""
+    u = (np.arange(128 * 3 * 160, dtype=np.uint64) * 2654435761 % (1 << 32)).astype(U32)
+    u[:8] = [0x7F800001, 0xFF800001, 0x7FC00000, 0x3F808000, 0x3F818000, 0x7F7FFFFF, 0x80000000, 0x00008000]
+    big = u.view(np.float32).reshape(128, 3, 160)
+    v = {"bank_slice": big[:, 1, :], "transposed": big[:, 0, 0:128].T, "step2": big[:, 0, ::2],
+         "3d_slice": big[:, 0:2, 0:100]}[view]
+    assert not v.flags.c_contiguous
+    before = v.copy()
+    got = dt._bf16_bits(v).astype(U16).view(BF16)
+    _bits_equal(got, _ref_bf16(np.ascontiguousarray(v)))
+    _bits_equal(v, before)
+    out = np.zeros(v.shape, BF16)
+    dt.cast_into(out, v, dt.bfloat16)
+    _bits_equal(out, _ref_bf16(np.ascontiguousarray(v)))
 
 
 # ------------------------------------------------------------------------------------------------ views, trace

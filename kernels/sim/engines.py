@@ -211,7 +211,16 @@ def store(dst, values):
     """Write fp32 (or integer) results into dst with the engine cast; clears PSUM matmul flags."""
     _dt.cast_into(dst._v, as_shape(values, dst.shape), dst.dtype)
     if dst._st.mm_written is not None:
-        mm_flags(dst)[...] = False
+        clear_mm_flags(dst)
+
+
+def clear_mm_flags(t):
+    """After a write of PSUM view ``t`` by an instruction other than a matmul: its elements are no longer 'written
+    by matmul' (a later accumulate=None matmul overwrites them; accumulate=True refuses them). No-op outside PSUM.
+    Views of 2-byte dtypes have no flags of their own (mm_flags gives them a throwaway array): nothing to clear."""
+    st = t._st
+    if st.mm_written is not None and t._flat.itemsize == 4:
+        mm_flags(t)[...] = False
 
 
 def mm_flags(t):

@@ -14,7 +14,7 @@ from . import ops as _ops
 from . import target as _target
 from .engines import (fail as _fail, onchip as _chk, no_psum as _no_psum, same_partitions as _same_p,
                       same_free as _same_f, same_tiles as _tiles, scalar_or_column as _scalar_or_col, emit as _emit,
-                      store as _store, mm_flags as _mm_flags, tensor as _tensor)
+                      store as _store, mm_flags as _mm_flags, clear_mm_flags as _clear_mm, tensor as _tensor)
 from .tensor import NkiTensor as _NkiTensor
 from .errors import ConstraintError as _ConstraintError, NkiValidationError as _NkiValidationError
 from .objects import NKIObject as _NKIObject
@@ -336,9 +336,36 @@ def dma_compute(dst, srcs, reduce_op, scales=None, unique_indices=True, oob_mode
 
 
 # ---------------------------------------------------------------------------------------------- Tensor engine
+_MM_IN_DTYPES = (_dt.float32, _dt.tfloat32, _dt.bfloat16, _dt.float16, _dt.float8_e4m3, _dt.float8_e5m2,
+                 _dt.float8_e4m3fn)
+_DISJOINT = {}      # (shape, strides) -> _disjoint_of(shape, strides): a pure function, bounded memo
+
+
 def _disjoint(shape, strides):
     """True when no two elements of a view with these element strides share memory (an in-place update is then
     the same as a computed-then-assigned one)."""
+    key = (shape, strides)
+    r = _DISJOINT.get(key)
+    if r is None:
+        r = _disjoint_of(shape, strides)
+        if len(_DISJOINT) >= 1024:
+            _DISJOINT.clear()
+        _DISJOINT[key] = r
+    return r
+
+
+def _gemm_out_ok(out, m, n):
+    """True when numpy's matmul of [m, K] x [K, n] fp32 operands may write straight into the 2-d fp32 array ``out``
+    through the same BLAS gemm call it makes for a fresh C-contiguous result: unit element stride along the rows,
+    a row stride of at least n elements (numpy's "C-blasable" output), and m, n >= 2 (numpy takes gemv/dot paths
+    for vector shapes; those stay on the temporary)."""
+    if out.ndim != 2 or m < 2 or n < 2:
+        return False
+    s0, s1 = out.strides
+    return s1 == 4 and s0 % 4 == 0 and s0 >= 4 * n and s0 // 4 < (1 << 31)
+
+
+def _disjoint_of(shape, strides):
     span = 1
     for c, st in sorted(((c, abs(st)) for c, st in zip(shape, strides) if c > 1), key=lambda x: x[1]):
         if st < span:
@@ -385,10 +412,8 @@ def nc_matmul(dst, stationary, moving, is_stationary_onezero=False, is_moving_on
         if v == 2 or dst.dtype != _dt.bfloat16:
             _fail("matmul.dst_dtype", I, "dst", f"is {_dt.name(dst.dtype)}; nc_matmul dst dtype must be float32 on "
                  f"gen2" + ("" if v == 2 else " (bfloat16 allowed on gen3+)"), "float32")
-    allowed = (_dt.float32, _dt.tfloat32, _dt.bfloat16, _dt.float16, _dt.float8_e4m3, _dt.float8_e5m2,
-               _dt.float8_e4m3fn)
     for role, t in (("stationary", stationary), ("moving", moving)):
-        if t.dtype not in allowed:
+        if t.dtype not in _MM_IN_DTYPES:
             _fail("matmul.dtype", I, role, f"dtype {_dt.name(t.dtype)} is not a matmul input type (fp8/bf16/fp16/"
                  f"tf32/fp32)")
     f32s = stationary.dtype in (_dt.float32, _dt.tfloat32)
@@ -401,7 +426,11 @@ def nc_matmul(dst, stationary, moving, is_stationary_onezero=False, is_moving_on
     isz = dst._flat.itemsize
     fs = st.free_size * st.flat.itemsize // isz
     lo = dst.offset % fs
-    hi = lo + sum((c - 1) * s for c, s in zip(dst.shape[1:], dst.strides[1:]))
+    hi = lo
+    dstr = dst.strides
+    for d_, c in enumerate(dst.shape):
+        if d_:
+            hi += (c - 1) * dstr[d_]
     if (lo * isz) // 2048 != (hi * isz + isz - 1) // 2048:
         _fail("matmul.psum_bank", I, "dst", f"spans PSUM bytes {lo * isz}..{hi * isz + isz - 1} of each partition, "
              f"crossing a 2 KiB bank boundary", "one 2048-byte bank")
@@ -413,38 +442,46 @@ def nc_matmul(dst, stationary, moving, is_stationary_onezero=False, is_moving_on
                  "64 or 128")
     s = stationary._f32().reshape(k, m)
     mv = moving._f32().reshape(k, n)
+    flags = _mm_flags(dst)
+    out = dst._v
+    if accumulate is True and not flags.all():
+        _fail("matmul.accumulate", I, "dst", "accumulate=True into PSUM elements not written by a matmul "
+             "(uninitialised or written by another engine): undefined on hardware")
+    # out += res is the same fp32 add as out[...] = out + res when no two elements of the view share memory
+    in_place = out.dtype == _f32 and _disjoint(dst.shape, dst.strides)
+    if accumulate is True:
+        mode = "add"
+    elif accumulate is False:
+        mode = "set"
+    elif flags.all():
+        mode = "add"
+    elif not flags.any():
+        mode = "set"
+    else:
+        mode = "mixed"
+    if mode == "set" and k > 1 and in_place and _gemm_out_ok(out, m, n):
+        # the product straight into the PSUM view: the same sgemm call as into a fresh C-contiguous array (only the
+        # leading dimension of C differs), without the temporary and its copy (tests/test_sim_speed_paths.py)
+        _np.matmul(s.T, mv, out=out)
+        flags[...] = True
+        _emit("tensor", I, (("dst", dst), ("stationary", stationary), ("moving", moving)), name)
+        return
     res = _rank1(s, mv) if k == 1 else None
     if res is None:
         res = _np.matmul(s.T, mv)
     res = res.reshape(dst.shape)
-    flags = _mm_flags(dst)
-    out = dst._v
-    # out += res is the same fp32 add as out[...] = out + res when no two elements of the view share memory
-    in_place = out.dtype == _f32 and _disjoint(dst.shape, dst.strides)
-    all_set = False                     # every flag already True: nothing to set afterwards
-    if accumulate is True:
-        if not flags.all():
-            _fail("matmul.accumulate", I, "dst", "accumulate=True into PSUM elements not written by a matmul "
-                 "(uninitialised or written by another engine): undefined on hardware")
-        all_set = True
+    if mode == "add":
         if in_place:
             out += res
-        else:
+        elif accumulate is True:
             out[...] = (out.astype(_f32) + res) if out.dtype != _f32 else out + res
-    elif accumulate is False:
-        out[...] = _dt.cast(res, dst.dtype)
-    else:
-        if flags.all():
-            all_set = True
-            if in_place:
-                out += res
-            else:
-                out[...] = _dt.cast(out.astype(_f32) + res, dst.dtype)
-        elif not flags.any():
-            out[...] = _dt.cast(res, dst.dtype)
         else:
-            out[...] = _dt.cast(_np.where(flags, out.astype(_f32) + res, res), dst.dtype)
-    if not all_set:
+            out[...] = _dt.cast(out.astype(_f32) + res, dst.dtype)
+    elif mode == "set":
+        out[...] = _dt.cast(res, dst.dtype)
+        flags[...] = True
+    else:
+        out[...] = _dt.cast(_np.where(flags, out.astype(_f32) + res, res), dst.dtype)
         flags[...] = True
     _emit("tensor", I, (("dst", dst), ("stationary", stationary), ("moving", moving)), name)
 
@@ -478,14 +515,12 @@ def nc_transpose(dst, data, engine=engine.unknown, name=None):
         _fail("transpose.shape", I, "dst", f"shape {list(dst.shape)} must be [{f}, {p}]")
     if dst.dtype == data.dtype and eng == "vector":
         dst._v[...] = data._v.reshape(p, f).T.reshape(dst.shape)
-        if dst._st.mm_written is not None:
-            _mm_flags(dst)[...] = False
+        _clear_mm(dst)
     elif dst.dtype == data.dtype and dst.dtype in (_dt.float32, _dt.bfloat16):
         # the fp32 round trip of the general path as bits: fp32 -> fp32 is the identity; bf16 -> fp32 -> bf16 is
         # too, except that a NaN comes back as sign | 0x7FC0 (tests/test_sim_speed_paths.py)
         dst._v[...] = _dt.same_dtype_roundtrip(data._v.reshape(p, f).T).reshape(dst.shape)
-        if dst._st.mm_written is not None:
-            _mm_flags(dst)[...] = False
+        _clear_mm(dst)
     else:
         _store(dst, data._f32().reshape(p, f).T)   # a complete write: a later accumulate=None matmul overwrites it
     _emit(eng, I, (("dst", dst), ("data", data)), name)
@@ -568,8 +603,7 @@ def _activation(I, dst, op, data, bias, scale, reduce_op, reduce_res, cmd, name)
         v = data._v
         v = v if v.ndim == 2 else v.reshape(p, n)
         dst._v[...] = (v if dst.dtype == _dt.float32 else _dt.same_dtype_roundtrip(v)).reshape(dst.shape)
-        if dst._st.mm_written is not None:
-            _mm_flags(dst)[...] = False
+        _clear_mm(dst)
         partial = None
     else:
         x = data._f32()
@@ -640,8 +674,7 @@ def tensor_tensor(dst, data1, data2, op, engine=engine.unknown, name=None):
             _store(dst, r)
         else:
             dst._v[...] = r.reshape(dst.shape).astype(dst.dtype)   # two's-complement wrap like integer ALUs
-            if dst._st.mm_written is not None:
-                _mm_flags(dst)[...] = False
+            _clear_mm(dst)
     else:
         a = data1._f32()
         b = data2._f32()
@@ -850,8 +883,7 @@ def tensor_copy(dst, src, engine=engine.unknown, name=None):
     if src.dtype == dst.dtype:
         v = src._v
         dst._v[...] = v if v.shape == dst.shape else v.reshape(dst.shape)
-        if dst._st.mm_written is not None:
-            _mm_flags(dst)[...] = False
+        _clear_mm(dst)
     else:
         _store(dst, src._f32())
     _emit(eng, I, (("dst", dst), ("src", src)), name)
@@ -875,8 +907,7 @@ def memset(dst, value, engine=engine.unknown, name=None):
         dst._v[...] = value
     else:
         dst._v[...] = _dt.cast(_np.array(value, dtype=_f32), dst.dtype)
-    if dst._st.mm_written is not None:
-        _mm_flags(dst)[...] = False
+    _clear_mm(dst)
     _emit(eng, I, (("dst", dst),), name)
 
 
@@ -1166,8 +1197,7 @@ def dropout(dst, data, prob, name=None):
     keep = u >= (pr if isinstance(pr, float) else pr.reshape(p, 1))
     src = data._v.reshape(p, n)
     dst._v[...] = _np.where(keep, src, _np.zeros((), src.dtype)).reshape(dst.shape)
-    if dst._st.mm_written is not None:
-        _mm_flags(dst)[...] = False
+    _clear_mm(dst)
     _emit("vector", I, (("dst", dst), ("data", data)), name)
 
 
@@ -1196,8 +1226,7 @@ def tensor_copy_predicated(dst, src, predicate, reverse_pred=False, name=None):
         pred = ~pred
     cur = dst._v.reshape(p, n)
     dst._v[...] = _np.where(pred, vals, cur).reshape(dst.shape)
-    if dst._st.mm_written is not None:
-        _mm_flags(dst)[...] = False
+    _clear_mm(dst)
     _emit("vector", I, (("dst", dst), ("src", src if isinstance(src, _NkiTensor) else None),
                         ("predicate", predicate)), name)
 
