@@ -124,6 +124,25 @@ def test_mfu_is_at_most_one_by_construction(peak, rates):
     assert ("raised to the best achieved rate" in p.source) == p.raised
 
 
+def test_cpu_peak_probe_covers_the_f_linear_layout(monkeypatch):
+    """The MFU peak is the faster of ``a @ b`` and F.linear's ``a @ b.t()``: an AVX2-only CPU's bf16 fallback runs
+    the second several times faster, and a peak probed in the first only was below the model's own rate."""
+    seen = []
+
+    def fake(dtype, layout="nn", **k):
+        seen.append(layout)
+        return {"nn": 9.0, "nt": 50.0}[layout]
+    monkeypatch.setattr(precision, "matmul_gflops", fake)
+    assert metrics.measure_cpu_tflops(torch.bfloat16) == pytest.approx(0.05)
+    assert sorted(seen) == ["nn", "nt"]
+    monkeypatch.undo()
+    for layout in ("nn", "nt"):                                  # both layouts really run (small, one trial)
+        g = precision.matmul_gflops(torch.float32, n=64, trials=1, min_time=0.0, layout=layout)
+        assert math.isfinite(g) and g > 0
+    with pytest.raises(ValueError, match="layout must be 'nn' or 'nt'"):
+        precision.matmul_gflops(torch.float32, n=8, layout="tn")
+
+
 def test_mfu_rejects_bad_peaks_and_rates():
     for bad in (0.0, -1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="peak TFLOPS must be a finite number > 0"):

@@ -177,11 +177,18 @@ def cpu_bf16_flags(cpuinfo: str = "/proc/cpuinfo") -> set[str]:
     return words & {*BF16_CPU_FLAGS, "bf16"}
 
 
-def matmul_gflops(dtype: torch.dtype, n: int = 512, trials: int = 3, min_time: float = 0.02) -> float:
+def matmul_gflops(dtype: torch.dtype, n: int = 512, trials: int = 3, min_time: float = 0.02,
+                  layout: str = "nn") -> float:
     """Best-of-``trials`` GFLOP/s of an n x n x n matmul on this process's threads, warmed up, each trial repeated
-    until it lasts ``min_time`` seconds (so one slow call or timer granularity cannot decide it)."""
+    until it lasts ``min_time`` seconds (so one slow call or timer granularity cannot decide it). ``layout``:
+    "nn" is ``a @ b``; "nt" is ``a @ b.t()``, the layout of ``F.linear`` (x @ W^T), which CPU fallback kernels
+    for bf16 run several times faster than "nn" (dot products over contiguous rows; see llama/loss.py)."""
     a = torch.randn(n, n).to(dtype)
     b = torch.randn(n, n).to(dtype)
+    if layout == "nt":
+        b = b.t()
+    elif layout != "nn":
+        raise ValueError(f"matmul_gflops: layout must be 'nn' or 'nt', got {layout!r}")
     t0 = time.perf_counter()
     a @ b                                          # warm-up: thread pool, kernel selection, page faults
     reps = max(1, int(min_time / max(time.perf_counter() - t0, 1e-6)))
