@@ -57,13 +57,12 @@ def _autocast_dtype(device_type: str):
         return None
 
 
-def _chunking(n: int, v: int, chunk_elems: int) -> tuple[int, int]:
-    """(number of chunks, rows per chunk): equal chunks of at most chunk_elems // V rows (1024 rows -> 4 x 256,
-    not 3 x 262 + 238); one empty chunk when there are no rows."""
+def _chunk_rows(n: int, v: int, chunk_elems: int) -> int:
+    """Rows per chunk: equal chunks of at most chunk_elems // V rows (1024 rows -> 4 x 256, not 3 x 262 + 238);
+    1 when there are no rows."""
     if not n:
-        return 1, 1
-    chunks = math.ceil(n / max(1, min(n, chunk_elems // v)))
-    return chunks, math.ceil(n / chunks)
+        return 1
+    return math.ceil(n / math.ceil(n / max(1, min(n, chunk_elems // v))))
 
 
 class _Gemms:
@@ -124,7 +123,7 @@ class _LinearCE(torch.autograd.Function):
             total = torch.zeros((), dtype=acc, device=dev)
             # One [rows, V] buffer in the accumulation dtype, reused by every chunk, receives the logits, then in
             # place the log-softmax and the softmax gradient: no fresh V-wide allocation per chunk.
-            _, rows = _chunking(n, v, chunk_elems)
+            rows = _chunk_rows(n, v, chunk_elems)
             buf = torch.empty((rows, v), dtype=acc, device=dev)
             for r0 in range(0, n, rows):
                 r1 = min(n, r0 + rows)

@@ -294,11 +294,13 @@ def test_matmul_overwrite_straight_into_psum(dtype, layout, accumulate):
     a = rng.standard_normal((kk, m)).astype(np.float32).astype(dtype)
     b = rng.standard_normal((kk, n)).astype(np.float32).astype(dtype)
     a[0, 0], b[1, 0] = -0.0, np.inf if m > 1 and n > 1 else b[1, 0]
-    views = {"bank_slice": lambda ps: ps[0:m, 1, 0:n], "strided_rows": lambda ps: ps[0:m, 2, 10:10 + n],
-             "inner_stride_2": lambda ps: ps[0:m, 0, 0:2 * n:2], "vector_m1": lambda ps: ps[0:m, 2, 3:3 + n],
-             "vector_n1": lambda ps: ps[0:m, 1, 5:5 + n],
-             "3d": lambda ps: ps[0:m, 0, 0:n].reshape((m, 4, n // 4))}
-    sl = views[layout]
+    idx = {"bank_slice": (slice(0, m), 1, slice(0, n)), "strided_rows": (slice(0, m), 2, slice(10, 10 + n)),
+           "inner_stride_2": (slice(0, m), 0, slice(0, 2 * n, 2)), "vector_m1": (slice(0, m), 2, slice(3, 3 + n)),
+           "vector_n1": (slice(0, m), 1, slice(5, 5 + n)), "3d": (slice(0, m), 0, slice(0, n))}[layout]
+
+    def sl(ps):                                                           # the PSUM view of this layout
+        v = ps[idx]
+        return v.reshape((m, 4, n // 4)) if layout == "3d" else v
 
     @nki.jit
     def k(a_h, b_h):
@@ -320,9 +322,6 @@ def test_matmul_overwrite_straight_into_psum(dtype, layout, accumulate):
     r = np.matmul(a.astype(np.float32).T, b.astype(np.float32))           # fresh C-contiguous result
     r = r + r
     want = np.full((m, 3, 128), np.nan, np.float32)
-    idx = {"bank_slice": (slice(0, m), 1, slice(0, n)), "strided_rows": (slice(0, m), 2, slice(10, 10 + n)),
-           "inner_stride_2": (slice(0, m), 0, slice(0, 2 * n, 2)), "vector_m1": (slice(0, m), 2, slice(3, 3 + n)),
-           "vector_n1": (slice(0, m), 1, slice(5, 5 + n)), "3d": (slice(0, m), 0, slice(0, n))}[layout]
     want[idx] = r
     _bits_equal(got, want)
     ref = 2 * (a.astype(np.float64).T @ b.astype(np.float64))
@@ -340,9 +339,13 @@ def test_gemm_out_ok():
 
 
 def test_disjoint_memo_matches_definition():
+    isa._DISJOINT.clear()
     for shape, strides in (((128, 512), (512, 1)), ((128, 4), (512, 0)), ((4, 3, 2), (6, 2, 1)), ((4, 3), (1, 1))):
-        assert isa._disjoint(shape, strides) == isa._disjoint_of(shape, strides)
-        assert isa._disjoint(shape, strides) == isa._disjoint(shape, strides)
+        want = isa._disjoint_of(shape, strides)
+        assert isa._disjoint(shape, strides) == want                       # computed and stored
+        assert isa._DISJOINT[(shape, strides)] == want
+        assert isa._disjoint(shape, strides) == want                       # from the memo
+    assert [isa._disjoint_of(*a) for a in (((4, 3), (1, 1)), ((128, 4), (512, 0)))] == [False, False]
 
 
 def test_clear_mm_flags_helper():

@@ -210,8 +210,7 @@ def as_shape(values, shape):
 def store(dst, values):
     """Write fp32 (or integer) results into dst with the engine cast; clears PSUM matmul flags."""
     _dt.cast_into(dst._v, as_shape(values, dst.shape), dst.dtype)
-    if dst._st.mm_written is not None:
-        clear_mm_flags(dst)
+    clear_mm_flags(dst)
 
 
 def clear_mm_flags(t):

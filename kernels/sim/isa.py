@@ -427,10 +427,8 @@ def nc_matmul(dst, stationary, moving, is_stationary_onezero=False, is_moving_on
     fs = st.free_size * st.flat.itemsize // isz
     lo = dst.offset % fs
     hi = lo
-    dstr = dst.strides
-    for d_, c in enumerate(dst.shape):
-        if d_:
-            hi += (c - 1) * dstr[d_]
+    for c, stride in zip(dst.shape[1:], dst.strides[1:]):
+        hi += (c - 1) * stride
     if (lo * isz) // 2048 != (hi * isz + isz - 1) // 2048:
         _fail("matmul.psum_bank", I, "dst", f"spans PSUM bytes {lo * isz}..{hi * isz + isz - 1} of each partition, "
              f"crossing a 2 KiB bank boundary", "one 2048-byte bank")
@@ -459,31 +457,38 @@ def nc_matmul(dst, stationary, moving, is_stationary_onezero=False, is_moving_on
         mode = "set"
     else:
         mode = "mixed"
+    _matmul_into(out, dst.shape, dst.dtype, flags, s, mv, mode, in_place, accumulate is True)
+    _emit("tensor", I, (("dst", dst), ("stationary", stationary), ("moving", moving)), name)
+
+
+def _matmul_into(out, shape, dtype, flags, s, mv, mode, in_place, strict):
+    """PSUM view values ``out`` (NKI ``shape`` and ``dtype``) <- s.T @ mv by ``mode``: "set" overwrites, "add" accumulates in
+    fp32, "mixed" adds where ``flags`` (matmul-written) and overwrites elsewhere; the flags are all set afterwards.
+    ``in_place``: out is fp32 with disjoint elements (out += res is then the fp32 add). ``strict``: accumulate=True
+    (whose add keeps numpy's assignment cast, as before)."""
+    (k, m), n = s.shape, mv.shape[1]
     if mode == "set" and k > 1 and in_place and _gemm_out_ok(out, m, n):
         # the product straight into the PSUM view: the same sgemm call as into a fresh C-contiguous array (only the
         # leading dimension of C differs), without the temporary and its copy (tests/test_sim_speed_paths.py)
         _np.matmul(s.T, mv, out=out)
-        flags[...] = True
-        _emit("tensor", I, (("dst", dst), ("stationary", stationary), ("moving", moving)), name)
-        return
-    res = _rank1(s, mv) if k == 1 else None
-    if res is None:
-        res = _np.matmul(s.T, mv)
-    res = res.reshape(dst.shape)
-    if mode == "add":
-        if in_place:
-            out += res
-        elif accumulate is True:
-            out[...] = (out.astype(_f32) + res) if out.dtype != _f32 else out + res
-        else:
-            out[...] = _dt.cast(out.astype(_f32) + res, dst.dtype)
-    elif mode == "set":
-        out[...] = _dt.cast(res, dst.dtype)
-        flags[...] = True
     else:
-        out[...] = _dt.cast(_np.where(flags, out.astype(_f32) + res, res), dst.dtype)
+        res = _rank1(s, mv) if k == 1 else None
+        if res is None:
+            res = _np.matmul(s.T, mv)
+        res = res.reshape(shape)
+        if mode == "add":
+            if in_place:
+                out += res
+            elif strict:
+                out[...] = (out.astype(_f32) + res) if out.dtype != _f32 else out + res
+            else:
+                out[...] = _dt.cast(out.astype(_f32) + res, dtype)
+        elif mode == "set":
+            out[...] = _dt.cast(res, dtype)
+        else:
+            out[...] = _dt.cast(_np.where(flags, out.astype(_f32) + res, res), dtype)
+    if mode != "add":                   # "add": every flag was already set
         flags[...] = True
-    _emit("tensor", I, (("dst", dst), ("stationary", stationary), ("moving", moving)), name)
 
 
 def nc_transpose(dst, data, engine=engine.unknown, name=None):
