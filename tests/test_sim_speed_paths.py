@@ -339,12 +339,14 @@ def test_gemm_out_ok():
 
 
 def test_disjoint_memo_matches_definition():
-    isa._DISJOINT.clear()
-    for shape, strides in (((128, 512), (512, 1)), ((128, 4), (512, 0)), ((4, 3, 2), (6, 2, 1)), ((4, 3), (1, 1))):
+    isa._disjoint.cache_clear()
+    for n, (shape, strides) in enumerate((((128, 512), (512, 1)), ((128, 4), (512, 0)), ((4, 3, 2), (6, 2, 1)),
+                                          ((4, 3), (1, 1)))):
         want = isa._disjoint_of(shape, strides)
         assert isa._disjoint(shape, strides) == want                       # computed and stored
-        assert isa._DISJOINT[(shape, strides)] == want
+        assert isa._disjoint.cache_info().misses == n + 1
         assert isa._disjoint(shape, strides) == want                       # from the memo
+        assert isa._disjoint.cache_info().hits == n + 1
     assert [isa._disjoint_of(*a) for a in (((4, 3), (1, 1)), ((128, 4), (512, 0)))] == [False, False]
 
 

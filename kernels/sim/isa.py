@@ -6,6 +6,7 @@ round-to-nearest-even casts, and records one trace instruction. Semantics follow
 (awsdocs-neuron nki/api/generated/nki.isa.*.html); the relevant rule is named in each error.
 """
 import enum as _enum
+import functools as _functools
 
 import numpy as _np
 
@@ -338,22 +339,6 @@ def dma_compute(dst, srcs, reduce_op, scales=None, unique_indices=True, oob_mode
 # ---------------------------------------------------------------------------------------------- Tensor engine
 _MM_IN_DTYPES = (_dt.float32, _dt.tfloat32, _dt.bfloat16, _dt.float16, _dt.float8_e4m3, _dt.float8_e5m2,
                  _dt.float8_e4m3fn)
-_DISJOINT = {}      # (shape, strides) -> _disjoint_of(shape, strides): a pure function, bounded memo
-
-
-def _disjoint(shape, strides):
-    """True when no two elements of a view with these element strides share memory (an in-place update is then
-    the same as a computed-then-assigned one)."""
-    key = (shape, strides)
-    r = _DISJOINT.get(key)
-    if r is None:
-        r = _disjoint_of(shape, strides)
-        if len(_DISJOINT) >= 1024:
-            _DISJOINT.clear()
-        _DISJOINT[key] = r
-    return r
-
-
 def _gemm_out_ok(out, m, n):
     """True when numpy's matmul of [m, K] x [K, n] fp32 operands may write straight into the 2-d fp32 array ``out``
     through the same BLAS gemm call it makes for a fresh C-contiguous result: unit element stride along the rows,
@@ -366,12 +351,17 @@ def _gemm_out_ok(out, m, n):
 
 
 def _disjoint_of(shape, strides):
+    """True when no two elements of a view with these element strides share memory (an in-place update is then
+    the same as a computed-then-assigned one)."""
     span = 1
     for c, st in sorted(((c, abs(st)) for c, st in zip(shape, strides) if c > 1), key=lambda x: x[1]):
         if st < span:
             return False
         span += st * (c - 1)
     return True
+
+
+_disjoint = _functools.lru_cache(maxsize=1024)(_disjoint_of)    # a pure function of two tuples, asked per matmul
 
 
 def _rank1(s, mv):
